@@ -1,0 +1,216 @@
+"""DSDE's knobs: one frozen dataclass, each default defined once, validated on construction.
+
+This module is pure (standard library only): the policy core, the replay tool, the
+simulator and the SGLang plugin all build the same ``DSDEConfig``. The plugin fills it
+from ``--dsde-*`` flags or from ``--speculative-adaptive-config`` (a JSON file path or an
+inline JSON object) and validates it at argument resolution, before any model is loaded.
+
+Every validation error is one line naming the knob, its flag, the value and the allowed
+range, e.g. ``--dsde-window (DSDE knob "window") = 0: expected an integer in [1, 1024]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+#: Policies the core implements (``sglang_dsde.core.policies``); "dsde" is the paper's.
+POLICY_CHOICES = ("dsde", "static", "sglang_adaptive", "adaedl")
+
+#: Largest speculation length any runtime state may use (one pre-built state per value).
+MAX_STEPS_LIMIT = 32
+#: Largest KL history per request (the ring buffer is slots x window floats on device).
+MAX_WINDOW = 1024
+
+
+class DSDEConfigError(ValueError):
+    """A knob value outside its allowed range, an unknown knob, or malformed JSON."""
+
+
+def _knob(default: Any, help: str, *, lo: Any = None, hi: Any = None,
+          lo_open: bool = False, choices: tuple = ()) -> Any:
+    """A dataclass field whose metadata carries the CLI help and the allowed range."""
+    return field(default=default, metadata=dict(help=help, lo=lo, hi=hi, lo_open=lo_open,
+                                                choices=choices))
+
+
+@dataclass(frozen=True)
+class DSDEConfig:
+    """Every DSDE knob with its default. Construction validates; instances are immutable."""
+
+    policy: str = _knob("dsde", "Speculation-length policy: dsde (the paper's KL-stability "
+                        "rule) or a baseline on the same engine.", choices=POLICY_CHOICES)
+    window: int = _knob(30, "KL history per request, in drafted tokens (W); also the "
+                        "warm-up length.", lo=1, hi=MAX_WINDOW)
+    decay: float = _knob(0.9, "Weight decay per token of age in the weighted variances "
+                         "(newest weight 1).", lo=0.0, hi=1.0, lo_open=True)
+    alpha: float = _knob(2.0, "Scale-factor sharpness: SF = exp(alpha * mean_kl) - 1.",
+                         lo=0.0, hi=100.0, lo_open=True)
+    min_steps: int = _knob(2, "Smallest speculation length a request may get (SL_min).",
+                           lo=0, hi="max_steps")
+    max_steps: int = _knob(10, "Largest speculation length (SL_max); sizes the verify "
+                           "buffers and the pre-built runtime states.", lo=1,
+                           hi=MAX_STEPS_LIMIT)
+    batch_cap: bool = _knob(True, "Cap post-warm-up requests at ceil(mean of their "
+                            "predicted SLs) so one request does not stall the batch.")
+    kmax_kl_weight: float = _knob(0.5, "Weight of mean_kl/max_kl in the per-request upper "
+                                  "bound round(max_accepted * (1 + w * mean/max)).",
+                                  lo=0.0, hi=10.0)
+    kmin_fraction: float = _knob(0.1, "Per-request lower bound as a fraction of its upper "
+                                 "bound: ceil(f * k_max).", lo=0.0, hi=1.0)
+    initial_steps: Optional[int] = _knob(None, "SL of a new request; default: "
+                                         "--speculative-num-steps.", lo="min_steps",
+                                         hi="max_steps")
+    per_request_cut: bool = _knob(False, "Cut a request's verify chain at its own SL when "
+                                  "the batch drafts more (lossless, saves no compute).")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_value(self, f, getattr(self, f.name))
+
+    def replace(self, **changes: Any) -> "DSDEConfig":
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "") -> "DSDEConfig":
+        """Build from a JSON-like mapping; unknown keys are refused (one line each)."""
+        if not isinstance(values, Mapping):
+            raise DSDEConfigError(f"DSDE config{_where(source)}: expected a JSON object, "
+                                  f"got {type(values).__name__}")
+        names = knob_names()
+        for key in values:
+            if key not in names:
+                raise DSDEConfigError(
+                    f"DSDE config{_where(source)}: unknown knob {key!r}; known knobs: "
+                    f"{', '.join(names)}")
+        return cls(**dict(values))
+
+    @classmethod
+    def from_json_source(cls, text_or_path: Optional[str]) -> "DSDEConfig":
+        """Parse ``--speculative-adaptive-config``: an inline JSON object or a file path."""
+        if text_or_path is None or not str(text_or_path).strip():
+            return cls()
+        values, source = _load_json(str(text_or_path))
+        return cls.from_mapping(values, source=source)
+
+
+def knob_names() -> tuple:
+    return tuple(f.name for f in dataclasses.fields(DSDEConfig))
+
+
+def knob_flag(name: str) -> str:
+    """The launch flag of a knob, e.g. ``window`` -> ``--dsde-window``."""
+    return "--dsde-" + name.replace("_", "-")
+
+
+def knob_help(name: str) -> str:
+    """Help text with the default and the allowed range, for ``--help`` and the README."""
+    f = _field(name)
+    meta = f.metadata
+    return f"{meta['help']} Default: {_fmt(f.default)}; allowed: {_range_text(None, f)}."
+
+
+def knob_type(name: str) -> type:
+    """The Python type a knob's value has (``int``, ``float``, ``bool`` or ``str``).
+
+    Read from the default; a knob whose default is None (``initial_steps``) is an int.
+    """
+    default = _field(name).default
+    return int if default is None else type(default)
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(DSDEConfig) if f.name == name)
+
+
+def _where(source: str) -> str:
+    return f" ({source})" if source else ""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "none" if value is None else str(value)
+
+
+def _bound(cfg: Optional[DSDEConfig], bound: Any) -> Any:
+    """A numeric bound, or the current value of the knob a bound names (``"max_steps"``)."""
+    if isinstance(bound, str):
+        return getattr(cfg, bound) if cfg is not None else bound
+    return bound
+
+
+def _range_text(cfg: Optional[DSDEConfig], f: dataclasses.Field) -> str:
+    meta = f.metadata
+    kind = knob_type(f.name)
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    if kind is bool:
+        return "true or false"
+    lo, hi = _bound(cfg, meta["lo"]), _bound(cfg, meta["hi"])
+    lo_txt = f"{meta['lo']}={lo}" if isinstance(meta["lo"], str) and cfg else str(lo)
+    hi_txt = f"{meta['hi']}={hi}" if isinstance(meta["hi"], str) and cfg else str(hi)
+    noun = "an integer" if kind is int else "a number"
+    extra = " (or none)" if f.default is None else ""
+    return f"{noun} in {'(' if meta['lo_open'] else '['}{lo_txt}, {hi_txt}]{extra}"
+
+
+def _check_value(cfg: DSDEConfig, f: dataclasses.Field, value: Any) -> None:
+    kind = knob_type(f.name)
+    meta = f.metadata
+
+    def refuse() -> None:
+        raise DSDEConfigError(f"{knob_flag(f.name)} (DSDE knob {f.name!r}) = {value!r}: "
+                              f"expected {_range_text(cfg, f)}")
+
+    if value is None:
+        if f.default is not None:
+            refuse()
+        return
+    if kind is bool:
+        if not isinstance(value, bool):
+            refuse()
+        return
+    if kind is str:
+        if value not in meta["choices"]:
+            refuse()
+        return
+    # Numbers: bool is an int subclass and never a valid number here.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        refuse()
+    if kind is int and not isinstance(value, int):
+        refuse()
+    if isinstance(value, float) and not math.isfinite(value):
+        refuse()
+    lo, hi = _bound(cfg, meta["lo"]), _bound(cfg, meta["hi"])
+    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
+        refuse()
+    if hi is not None and value > hi:
+        refuse()
+
+
+def _load_json(text_or_path: str) -> tuple:
+    """Return ``(mapping, source)`` from inline JSON or a file; one-line errors."""
+    text = text_or_path.strip()
+    if text.startswith("{"):
+        source, body = "inline --speculative-adaptive-config", text
+    else:
+        source = f"--speculative-adaptive-config {text_or_path}"
+        if not os.path.isfile(text_or_path):
+            raise DSDEConfigError(f"DSDE config ({source}): no such file")
+        with open(text_or_path, encoding="utf-8") as fh:
+            body = fh.read()
+    try:
+        values = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise DSDEConfigError(f"DSDE config ({source}): malformed JSON: {exc.msg} at line "
+                              f"{exc.lineno} column {exc.colno}") from None
+    return values, source
