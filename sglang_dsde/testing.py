@@ -1,0 +1,316 @@
+"""Test helpers: tiny random-weight Llamas and a loopback SGLang server fixture.
+
+Everything here works offline (no model hub): the tokenizer is a byte-level BPE trained
+with ``tokenizers`` on a fixed in-module corpus, so every tiny model built with the same
+``vocab`` shares one vocabulary (a valid STANDALONE target/draft pair).
+
+``make_tiny_llama(path, num_layers=2, hidden=64, vocab=300, seed=0) -> path`` is the
+stable entry point; it is idempotent (a folder built with the same arguments is reused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+_CORPUS = (
+    "The capital of France is Paris. The capital of Italy is Rome. "
+    "Once upon a time there was a small robot who liked to count numbers: "
+    "one, two, three, four, five, six, seven, eight, nine, ten. "
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n"
+    "Speculative decoding drafts tokens with a small model and verifies them "
+    "with the large model in one pass. The quick brown fox jumps over the lazy dog. "
+    "Hello, how are you today? I am fine, thank you. What is your name? "
+)
+
+#: A minimal chat template (ChatML-like) so /v1/chat/completions works.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+_SPEC_FILE = "tiny_llama_spec.json"
+
+
+def _build_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=list(_SPECIAL),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_llama(
+    path,
+    *,
+    num_layers: int = 2,
+    hidden: int = 64,
+    vocab: int = 300,
+    seed: int = 0,
+    init_std: float = 0.2,
+) -> Path:
+    """Build (or reuse) a random-weight float32 Llama HF folder at ``path``; return it.
+
+    ``init_std`` is larger than Llama's default 0.02 so that greedy decoding has clear
+    argmax margins (float32 kernel-order noise must not flip a token in lossless tests).
+    Two calls with the same ``vocab`` produce models sharing one tokenizer.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    spec = dict(num_layers=num_layers, hidden=hidden, vocab=vocab, seed=seed,
+                init_std=init_std, version=1)
+    spec_file = path / _SPEC_FILE
+    if spec_file.exists():
+        try:
+            if json.loads(spec_file.read_text()) == spec:
+                return path
+        except ValueError:
+            pass
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent if path.parent.exists() else None))
+    try:
+        tokenizer = _build_tokenizer(vocab)
+        heads = max(1, hidden // 16)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=hidden // heads,
+            max_position_embeddings=4096,
+            initializer_range=init_std,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            torch_dtype="float32",
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(torch.float32)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _SPEC_FILE).write_text(json.dumps(spec))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Loopback server helpers (used by the e2e tests and the demo)
+# --------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_server_env(extra: dict | None = None) -> dict:
+    """Environment for a CPU SGLang server process."""
+    env = dict(os.environ)
+    env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, min(os.cpu_count() or 1, 4))))
+    if extra:
+        env.update(extra)
+    return env
+
+
+def server_command(
+    model_path,
+    *,
+    port: int,
+    draft_model_path=None,
+    algorithm: str | None = "STANDALONE",
+    num_steps: int = 4,
+    max_total_tokens: int = 4096,
+    dtype: str = "float32",
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The ``python -m sglang.launch_server`` command line for a CPU server."""
+    cmd = [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", str(model_path),
+        "--device", "cpu",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--dtype", dtype,
+        "--max-total-tokens", str(max_total_tokens),
+        "--log-level", "warning",
+        "--skip-server-warmup",
+    ]
+    if algorithm and draft_model_path is not None:
+        cmd += [
+            "--speculative-algorithm", algorithm,
+            "--speculative-draft-model-path", str(draft_model_path),
+            "--speculative-num-steps", str(num_steps),
+            "--speculative-eagle-topk", "1",
+            "--speculative-num-draft-tokens", str(num_steps + 1),
+        ]
+    return cmd + list(extra_args)
+
+
+class ServerProcess:
+    """A running SGLang server on loopback (see :func:`launch_server`)."""
+
+    def __init__(self, proc: subprocess.Popen, base_url: str, log_path: Path):
+        self.proc = proc
+        self.base_url = base_url
+        self.log_path = log_path
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    # -- requests ------------------------------------------------------------------
+    def generate(self, text=None, *, input_ids=None, max_new_tokens: int = 32,
+                 timeout: float = 300, **sampling) -> dict:
+        import requests
+
+        params = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
+        params.update(sampling)
+        payload = {"sampling_params": params}
+        if input_ids is not None:
+            payload["input_ids"] = input_ids
+        else:
+            payload["text"] = text
+        r = requests.post(f"{self.base_url}/generate", json=payload, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def chat(self, content: str, *, max_tokens: int = 64, timeout: float = 300) -> dict:
+        import requests
+
+        r = requests.post(
+            f"{self.base_url}/v1/chat/completions",
+            json={"model": "default", "messages": [{"role": "user", "content": content}],
+                  "temperature": 0.0, "max_tokens": max_tokens},
+            timeout=timeout,
+        )
+        r.raise_for_status()
+        return r.json()
+
+    def server_info(self) -> dict:
+        import requests
+
+        r = requests.get(f"{self.base_url}/server_info", timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def accept_length(self) -> float | None:
+        """The cumulative average accept length the server reports (None if absent)."""
+        info = self.server_info()
+        for state in info.get("internal_states", []) or []:
+            if "avg_spec_accept_length" in state:
+                return float(state["avg_spec_accept_length"])
+        return None
+
+    def healthy(self) -> bool:
+        import requests
+
+        try:
+            return requests.get(f"{self.base_url}/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    # -- lifecycle -----------------------------------------------------------------
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def launch_server(cmd: Sequence[str], *, env: dict | None = None,
+                  startup_timeout: float = 300, log_dir=None) -> ServerProcess:
+    """Start ``cmd`` (from :func:`server_command`) in its own process group and wait,
+    polling ``/health``, until it serves; raise with the log tail if it dies or times out."""
+    import requests
+
+    port = int(cmd[list(cmd).index("--port") + 1])
+    base_url = f"http://127.0.0.1:{port}"
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="sglang-dsde-server-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"server-{port}.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
+                            env=env if env is not None else cpu_server_env(),
+                            start_new_session=True)
+    log.close()
+    server = ServerProcess(proc, base_url, log_path)
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
+        try:
+            if requests.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)  # poll interval, not synchronisation
+    server.stop()
+    raise TimeoutError(f"server not healthy after {startup_timeout}s:\n{server.log_tail()}")
+
+
+@contextlib.contextmanager
+def running_server(model_path, **kwargs) -> Iterator[ServerProcess]:
+    """``with running_server(T, draft_model_path=D) as s: s.generate(...)``.
+
+    Keyword arguments go to :func:`server_command`, except ``env``, ``startup_timeout``
+    and ``log_dir`` which go to :func:`launch_server`.
+    """
+    launch_kw = {k: kwargs.pop(k) for k in ("env", "startup_timeout", "log_dir") if k in kwargs}
+    port = kwargs.pop("port", None) or free_port()
+    server = launch_server(server_command(model_path, port=port, **kwargs), **launch_kw)
+    try:
+        yield server
+    finally:
+        server.stop()
