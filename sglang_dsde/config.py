@@ -98,7 +98,7 @@ class DSDEConfig:
         """Parse ``--speculative-adaptive-config``: an inline JSON object or a file path."""
         if text_or_path is None or not str(text_or_path).strip():
             return cls()
-        values, source = _load_json(str(text_or_path))
+        values, source = load_json_source(str(text_or_path))
         return cls.from_mapping(values, source=source)
 
 
@@ -197,7 +197,7 @@ def _check_value(cfg: DSDEConfig, f: dataclasses.Field, value: Any) -> None:
         refuse()
 
 
-def _load_json(text_or_path: str) -> tuple:
+def load_json_source(text_or_path: str) -> tuple:
     """Return ``(mapping, source)`` from inline JSON or a file; one-line errors."""
     text = text_or_path.strip()
     if text.startswith("{"):

@@ -1,0 +1,89 @@
+"""Touch-point: SGLang's argument parser, so DSDE's knobs appear in ``--help``.
+
+Read against SGLang 0.5.23 (``srt/server_args.py``: ``ServerArgs.add_cli_args`` builds
+the parser, ``ServerArgs.from_cli_args`` turns the namespace into the record; both run
+after ``load_plugins()`` in ``launch_server`` and ``sglang serve``).
+
+``ServerArgs`` is a closed record, so a plugin cannot add fields. The hooks add one
+``--dsde-<knob>`` flag per ``DSDEConfig`` field (group "DSDE speculative decoding") and
+fold the flags a user gave into ``speculative_adaptive_config`` as an inline JSON object,
+on top of a config file given there. That field travels to every scheduler process;
+``sglang_dsde.args`` validates it during argument resolution. ``sglang.Engine(...)``
+users pass ``speculative_adaptive_config`` (a path or inline JSON) directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from sglang_dsde import ALGORITHM_NAME
+from sglang_dsde.config import (
+    POLICY_CHOICES,
+    DSDEConfigError,
+    knob_flag,
+    knob_help,
+    knob_names,
+    knob_type,
+    load_json_source,
+)
+
+SGLANG_VERSION_READ = "0.5.23"
+HOOKED_SYMBOLS = (
+    "sglang.srt.server_args.ServerArgs.add_cli_args",
+    "sglang.srt.server_args.ServerArgs.from_cli_args",
+)
+_DEST_PREFIX = "dsde_"
+
+_applied = False
+
+
+def apply() -> None:
+    """Register the two parser hooks (once per process)."""
+    global _applied
+    if _applied:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(HOOKED_SYMBOLS[0], _add_dsde_flags, HookType.AFTER)
+    HookRegistry.register(HOOKED_SYMBOLS[1], _fold_dsde_flags, HookType.AROUND)
+    _applied = True
+
+
+def _add_dsde_flags(_result, parser: argparse.ArgumentParser) -> None:
+    """AFTER ``add_cli_args(parser)``: one flag per knob, absent from the namespace unless given."""
+    group = parser.add_argument_group(
+        "DSDE speculative decoding (sglang-dsde plugin)",
+        "Used with --speculative-algorithm DSDE. The same knobs can be given as a JSON "
+        "object (file path or inline) in --speculative-adaptive-config; flags win.")
+    for name in knob_names():
+        kind = knob_type(name)
+        common = dict(dest=_DEST_PREFIX + name, default=argparse.SUPPRESS, help=knob_help(name))
+        if kind is bool:
+            group.add_argument(knob_flag(name), action=argparse.BooleanOptionalAction, **common)
+        elif name == "policy":
+            group.add_argument(knob_flag(name), choices=POLICY_CHOICES, **common)
+        else:
+            group.add_argument(knob_flag(name), type=kind, metavar=kind.__name__.upper(),
+                               **common)
+
+
+def _fold_dsde_flags(original, cls, namespace: argparse.Namespace):
+    """AROUND ``from_cli_args``: move given ``--dsde-*`` values into the config field."""
+    given = {name: getattr(namespace, _DEST_PREFIX + name) for name in knob_names()
+             if hasattr(namespace, _DEST_PREFIX + name)}
+    for name in given:
+        delattr(namespace, _DEST_PREFIX + name)
+    if given:
+        algorithm = getattr(namespace, "speculative_algorithm", None)
+        if (algorithm or "").upper() != ALGORITHM_NAME:
+            raise DSDEConfigError(
+                f"{', '.join(knob_flag(n) for n in given)}: DSDE knobs need "
+                f"--speculative-algorithm {ALGORITHM_NAME} (got {algorithm!r})")
+        source = getattr(namespace, "speculative_adaptive_config", None)
+        base = load_json_source(source)[0] if source and source.strip() else {}
+        if not isinstance(base, dict):
+            raise DSDEConfigError(f"DSDE config (--speculative-adaptive-config {source}): "
+                                  f"expected a JSON object, got {type(base).__name__}")
+        namespace.speculative_adaptive_config = json.dumps({**base, **given}, sort_keys=True)
+    return original(cls, namespace)

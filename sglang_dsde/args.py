@@ -1,0 +1,95 @@
+"""Server-argument handling for ``--speculative-algorithm DSDE``.
+
+SGLang calls these through its plugin contract (``validate_server_args`` and the spec
+class's ``handle_server_args``, ``srt/arg_groups/speculative_hook.py``) with a stand-in of
+``ServerArgs`` that reads the resolved values and records every field we assign. Both run
+during argument resolution, before any model is loaded, so a bad knob is refused there.
+
+DSDE's own knobs travel in ``speculative_adaptive_config`` (a JSON file path or an
+inline JSON object; ``--dsde-*`` flags are folded into it by ``patches/cli_args.py``):
+a real ``ServerArgs`` field, so the values reach every spawned scheduler process.
+No SGLang import here: only attribute reads and writes on the object SGLang hands us.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sglang_dsde.config import DSDEConfig, DSDEConfigError
+
+logger = logging.getLogger(__name__)
+
+#: SL of a new request when neither --speculative-num-steps nor initial_steps is given
+#: (the replay's default in dsde-algorithm.md).
+DEFAULT_INITIAL_STEPS = 4
+#: SGLang's own default for speculative decoding (``_handle_eagle_family``).
+DEFAULT_MAX_RUNNING_REQUESTS = 48
+
+
+def dsde_config_of(server_args: Any) -> DSDEConfig:
+    """The validated DSDE config a server was launched with."""
+    return DSDEConfig.from_json_source(getattr(server_args, "speculative_adaptive_config", None))
+
+
+def initial_steps_of(server_args: Any, cfg: DSDEConfig) -> int:
+    """The static SL: --speculative-num-steps, else the initial_steps knob, else 4."""
+    steps = getattr(server_args, "speculative_num_steps", None)
+    if steps is None:
+        steps = cfg.initial_steps or min(max(DEFAULT_INITIAL_STEPS, cfg.min_steps), cfg.max_steps)
+    return steps
+
+
+def validate_server_args(server_args: Any) -> None:
+    """Refuse a bad DSDE launch with one line naming the flag, the value and the range."""
+    cfg = dsde_config_of(server_args)
+    if getattr(server_args, "speculative_draft_model_path", None) is None:
+        raise DSDEConfigError(
+            "--speculative-draft-model-path is required with --speculative-algorithm DSDE "
+            "(a separate draft model sharing the target's vocabulary)")
+    steps = initial_steps_of(server_args, cfg)
+    lo = max(1, cfg.min_steps)
+    if not isinstance(steps, int) or not lo <= steps <= cfg.max_steps:
+        raise DSDEConfigError(
+            f"--speculative-num-steps = {steps!r}: with DSDE expected an integer in "
+            f"[max(1, min_steps)={lo}, max_steps={cfg.max_steps}]")
+    topk = getattr(server_args, "speculative_eagle_topk", None)
+    if topk not in (None, 1):
+        raise DSDEConfigError(
+            f"--speculative-eagle-topk = {topk!r}: DSDE drafts a single chain; expected 1")
+    if getattr(server_args, "speculative_use_rejection_sampling", False):
+        raise DSDEConfigError(
+            "--speculative-use-rejection-sampling = True: not supported with DSDE "
+            "(SGLang implements it for EAGLE/EAGLE3 only); expected False")
+    if (getattr(server_args, "attn_dp_size", 1) or 1) > 1:
+        raise DSDEConfigError(
+            "--attn-dp-size > 1: DSDE rides the STANDALONE worker, which does not support "
+            "attention data parallelism; expected 1")
+
+
+def handle_server_args(server_args: Any) -> None:
+    """Set the fields DSDE needs, the way SGLang does for STANDALONE."""
+    cfg = dsde_config_of(server_args)
+    steps = initial_steps_of(server_args, cfg)
+    server_args.speculative_num_steps = steps
+    server_args.speculative_eagle_topk = 1
+    if getattr(server_args, "speculative_num_draft_tokens", None) not in (None, steps + 1):
+        logger.warning("DSDE: speculative_num_draft_tokens is set to speculative_num_steps "
+                       "+ 1 = %d (topk 1 drafts a chain)", steps + 1)
+    server_args.speculative_num_draft_tokens = steps + 1
+    if getattr(server_args, "max_running_requests", None) is None:
+        server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
+    if getattr(server_args, "device", None) == "cpu" and not server_args.disable_overlap_schedule:
+        logger.warning("DSDE: overlap schedule is not implemented for speculative decoding "
+                       "on CPU; disabling it")
+        server_args.disable_overlap_schedule = True
+    if getattr(server_args, "enable_mixed_chunk", False):
+        logger.warning("DSDE: mixed chunked prefill is disabled (STANDALONE does not "
+                       "support it)")
+        server_args.enable_mixed_chunk = False
+    logger.info("DSDE: initial SL %d, SL range [%d, %d], policy %s, window %d", steps,
+                cfg.min_steps, cfg.max_steps, cfg.policy, cfg.window)
+
+
+__all__ = ["DSDEConfigError", "dsde_config_of", "handle_server_args", "initial_steps_of",
+           "validate_server_args"]
