@@ -67,6 +67,14 @@ class DSDEConfig:
                                          hi="max_steps")
     per_request_cut: bool = _knob(False, "Cut a request's verify chain at its own SL when "
                                   "the batch drafts more (lossless, saves no compute).")
+    # Knobs of the AdaEDL-style baseline (policy "adaedl"); ignored by the other policies.
+    adaedl_gamma: float = _knob(0.5, "adaedl policy: gamma of the acceptance lower bound "
+                                "1 - sqrt(gamma * draft_entropy).", lo=0.0, hi=100.0,
+                                lo_open=True)
+    adaedl_lambda: float = _knob(0.5, "adaedl policy: stop drafting where the bound falls "
+                                 "below this threshold.", lo=0.0, hi=1.0)
+    adaedl_ema: float = _knob(0.2, "adaedl policy: EMA weight of the per-request threshold "
+                              "calibration (observed acceptance - bound).", lo=0.0, hi=1.0)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -1,0 +1,15 @@
+"""DSDE's signal and policy core: pure torch (no SGLang import), batched, on any device.
+
+Public interface (what the SGLang worker, the simulator and the replay call):
+
+* ``kl_per_position(target_logits, draft_logits, num_drafted, temperature)`` -> ``[bs, P]``
+  KL(p_target || q_draft) per drafted position, chunked over the vocabulary (``kl``).
+* ``make_policy(cfg, max_slots=..., device=..., default_initial_steps=...)`` -> a
+  ``SpecPolicy`` with ``steps_for(slots)``, ``update(slots, ...) -> PolicyDecision`` and
+  ``reset_slots(slots)`` (``policies.base`` states the contract).
+"""
+
+from .kl import kl_per_position
+from .policies import POLICIES, PolicyDecision, SpecPolicy, make_policy
+
+__all__ = ["POLICIES", "PolicyDecision", "SpecPolicy", "kl_per_position", "make_policy"]
