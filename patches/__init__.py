@@ -14,6 +14,7 @@ import importlib
 #: Touch-point modules, applied in this order by ``apply_all``.
 TOUCH_POINTS = (
     "cli_args",
+    "torchvision_ops",
 )
 
 

@@ -222,3 +222,17 @@ def load_json_source(text_or_path: str) -> tuple:
         raise DSDEConfigError(f"DSDE config ({source}): malformed JSON: {exc.msg} at line "
                               f"{exc.lineno} column {exc.colno}") from None
     return values, source
+
+
+def knob_table_markdown() -> str:
+    """The README's knobs table (``python -m sglang_dsde.config`` prints it)."""
+    rows = ["| knob (JSON key) | flag | default | allowed | meaning |",
+            "|---|---|---|---|---|"]
+    for f in dataclasses.fields(DSDEConfig):
+        rows.append(f"| `{f.name}` | `{knob_flag(f.name)}` | {_fmt(f.default)} | "
+                    f"{_range_text(None, f)} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(knob_table_markdown())

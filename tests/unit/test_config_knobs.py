@@ -1,0 +1,95 @@
+"""DSDEConfig: defaults from dsde-algorithm.md, validation, JSON sources (pure, no SGLang)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from sglang_dsde.config import (
+    DSDEConfig,
+    DSDEConfigError,
+    knob_flag,
+    knob_help,
+    knob_names,
+    knob_type,
+)
+
+
+def test_defaults_are_the_papers():
+    cfg = DSDEConfig()
+    assert (cfg.window, cfg.decay, cfg.alpha) == (30, 0.9, 2.0)
+    assert (cfg.min_steps, cfg.max_steps, cfg.batch_cap) == (2, 10, True)
+    assert (cfg.kmax_kl_weight, cfg.kmin_fraction) == (0.5, 0.1)
+    assert cfg.policy == "dsde" and cfg.per_request_cut is False
+
+
+def test_config_is_frozen_and_replace_validates():
+    cfg = DSDEConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.window = 3
+    assert cfg.replace(window=3).window == 3
+    with pytest.raises(DSDEConfigError):
+        cfg.replace(window=-1)
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"window": 0}, "--dsde-window (DSDE knob 'window') = 0: expected an integer in [1, 1024]"),
+    ({"window": 2.5}, "= 2.5: expected an integer"),
+    ({"decay": 0.0}, "(0.0, 1.0]"),
+    ({"decay": 1.0000001}, "(0.0, 1.0]"),
+    ({"alpha": math.inf}, "--dsde-alpha"),
+    ({"min_steps": 4, "max_steps": 3}, "= 4: expected an integer in [0, max_steps=3]"),
+    ({"max_steps": 33}, "[1, 32]"),
+    ({"initial_steps": 1}, "expected an integer in [min_steps=2, max_steps=10] (or none)"),
+    ({"policy": "greedy"}, "expected one of dsde, static"),
+    ({"batch_cap": "yes"}, "expected true or false"),
+    ({"kmin_fraction": True}, "--dsde-kmin-fraction"),
+])
+def test_each_bad_value_is_one_line_naming_knob_value_and_range(changes, expected):
+    with pytest.raises(DSDEConfigError) as excinfo:
+        DSDEConfig(**changes)
+    assert expected in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_boundaries_are_accepted():
+    DSDEConfig(window=1, decay=1.0, min_steps=0, max_steps=1, kmin_fraction=0.0)
+    DSDEConfig(window=1024, min_steps=32, max_steps=32, initial_steps=32)
+
+
+def test_json_inline_file_and_errors(tmp_path):
+    assert DSDEConfig.from_json_source(None) == DSDEConfig()
+    assert DSDEConfig.from_json_source('  {"window": 8} ').window == 8
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"decay": 0.5, "batch_cap": False}))
+    cfg = DSDEConfig.from_json_source(str(path))
+    assert (cfg.decay, cfg.batch_cap) == (0.5, False)
+    for text, fragment in [('{"window": }', "malformed JSON: Expecting value at line 1 column 12"),
+                           ('{"wndow": 3}', "unknown knob 'wndow'"),
+                           (str(tmp_path / "none.json"), "no such file")]:
+        with pytest.raises(DSDEConfigError, match="DSDE config") as excinfo:
+            DSDEConfig.from_json_source(text)
+        assert fragment in str(excinfo.value)
+    path.write_text("[1, 2]")
+    with pytest.raises(DSDEConfigError, match="expected a JSON object, got list"):
+        DSDEConfig.from_json_source(str(path))
+
+
+def test_every_knob_has_flag_help_and_type():
+    for name in knob_names():
+        assert knob_flag(name).startswith("--dsde-") and "_" not in knob_flag(name)
+        assert "Default:" in knob_help(name) and "allowed:" in knob_help(name)
+        assert knob_type(name) in (int, float, bool, str)
+
+
+def test_readme_knob_table_is_current():
+    """README shows the table ``python -m sglang_dsde.config`` prints; regenerate on change."""
+    from pathlib import Path
+
+    from sglang_dsde.config import knob_table_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert knob_table_markdown() in readme
