@@ -15,6 +15,8 @@ import importlib
 TOUCH_POINTS = (
     "cli_args",
     "torchvision_ops",
+    "sgl_kernel_standins",
+    "cpu_spec_attention",
 )
 
 

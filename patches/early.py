@@ -77,7 +77,11 @@ def _install() -> None:
     if any(isinstance(f, _BeforeImportFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _BeforeImportFinder())
-    from sglang_dsde.patches import torchvision_ops
+    from sglang_dsde.patches import sgl_kernel_standins, torchvision_ops
+
+    # `import sgl_kernel` -> stand-ins when the real CPU kernels are absent (only with
+    # SGLANG_USE_CPU_ENGINE=1; see patches/sgl_kernel_standins.py).
+    sgl_kernel_standins.install()
 
     before_import("torchvision", torchvision_ops.define_missing_schemas)
 
