@@ -107,7 +107,7 @@ def test_bf16_inputs_and_chunking_agree():
     nd = torch.tensor([3, 3])
     whole = kl_per_position(target, draft, nd, chunk_cols=3000)
     chunked = kl_per_position(target, draft, nd, chunk_cols=7)
-    torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole, chunked, rtol=RTOL, atol=ATOL)
     assert_close_to_reference(whole, target.float(), draft.float(), nd, [0.0, 0.0])
 
 
