@@ -28,7 +28,6 @@ equals a count of satisfied thresholds, which is how it runs here without a host
 
 from __future__ import annotations
 
-import bisect
 import math
 from typing import Mapping, Optional
 
@@ -104,11 +103,15 @@ class SGLangAdaptivePolicy(SpecPolicy):
 
     def tier_of(self, batch_size: int) -> int:
         """Index of the tier serving batches of ``batch_size`` (a host int: a shape)."""
-        return max(0, bisect.bisect_right(self.tier_sizes, batch_size) - 1)
+        # A plain count (not bisect): traceable by torch.compile, and there are few tiers.
+        return max(0, sum(1 for size in self.tier_sizes if size <= batch_size) - 1)
 
     def tier_steps(self, tier: int) -> torch.Tensor:
-        """0-dim int64: the current SL of a tier."""
-        return self._cands[tier, self.tier_index[tier]]
+        """``[1]`` int64: the current SL of a tier.
+
+        State is indexed with 1-element tensors, never 0-dim ones: a 0-dim tensor used as
+        an index is converted to a Python int, i.e. a host synchronisation."""
+        return self._cands[tier][self.tier_index[tier:tier + 1]]
 
     def steps_for(self, slots: torch.Tensor) -> torch.Tensor:
         bs = slots.shape[0]
@@ -124,9 +127,9 @@ class SGLangAdaptivePolicy(SpecPolicy):
             return self._decision(self.req_steps[self._ints(slots)])
         t = self.tier_of(bs if batch_size is None else batch_size)
         tier = self.tiers[t]
-        idx = self.tier_index[t]
-        steps = self._cands[t, idx]
-        ema = self.tier_ema[t]
+        idx = self.tier_index[t:t + 1]
+        steps = self._cands[t][idx]
+        ema = self.tier_ema[t:t + 1]
         batch_avg = self._ints(req_num_accepted).sum().double() / bs
         ema = torch.where(steps > 0, (1 - tier.ema_alpha) * ema + tier.ema_alpha * batch_avg,
                           ema)
@@ -134,14 +137,14 @@ class SGLangAdaptivePolicy(SpecPolicy):
         past_warmup = tier.batch_count > tier.warmup_batches
         if past_warmup and (tier.batch_count - tier.warmup_batches) % tier.update_interval == 0:
             idx, ema = self._recompute(t, idx, ema)
-        self.tier_ema[t] = ema
-        self.tier_index[t] = idx
-        return self._decision(self._cands[t, idx].expand(bs).clone())
+        self.tier_ema[t:t + 1] = ema
+        self.tier_index[t:t + 1] = idx
+        return self._decision(self._cands[t][idx].expand(bs).clone())
 
     def _recompute(self, t: int, idx: torch.Tensor, ema: torch.Tensor) -> tuple:
         tier = self.tiers[t]
         last = len(tier.candidates) - 1
-        cands = self._cands[t, :last + 1]
+        cands = self._cands[t][:last + 1]
         old_steps = cands[idx]
         pos = torch.arange(last + 1, device=self.device)
         # From zero steps: probe the next candidate, restarting a negative EMA there.
