@@ -271,6 +271,9 @@ def write_results(out: Path, device, env: dict, rows: list, quiet: bool = False)
     checks = sorted({row["sync_check"] for row in rows if "sync_check" in row})
     if "agreement_with_cpu" in env:
         checks.append(f"same rounds on this device and on the CPU: {env['agreement_with_cpu']}")
+    if device.type == "cpu":
+        checks.append("CPU only: the GPU columns (verify-forward ratio, CUDA-graph timing, "
+                      "sync check) come from `python bench/micro_policy.py --device cuda`.")
     lines += [""] + [f"- {c}" for c in checks]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if not quiet:
