@@ -13,6 +13,7 @@ No SGLang import here: only attribute reads and writes on the object SGLang hand
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -61,6 +62,11 @@ def validate_server_args(server_args: Any) -> None:
         raise DSDEConfigError(
             "--speculative-use-rejection-sampling = True: not supported with DSDE "
             "(SGLang implements it for EAGLE/EAGLE3 only); expected False")
+    if getattr(server_args, "device", None) == "cpu" and getattr(
+            server_args, "enable_torch_compile", False):
+        raise DSDEConfigError(
+            "--enable-torch-compile = True: not supported with DSDE on CPU (the per-step "
+            "runtime states have no CPU graph runner); expected False")
     if (getattr(server_args, "attn_dp_size", 1) or 1) > 1:
         raise DSDEConfigError(
             "--attn-dp-size > 1: DSDE rides the STANDALONE worker, which does not support "
@@ -83,6 +89,14 @@ def handle_server_args(server_args: Any) -> None:
         logger.warning("DSDE: overlap schedule is not implemented for speculative decoding "
                        "on CPU; disabling it")
         server_args.disable_overlap_schedule = True
+    graphs = getattr(server_args, "cuda_graph_config", None)
+    if getattr(server_args, "device", None) == "cpu" and graphs is not None:
+        # SGLang's CPU engine captures no decode graphs (without torch.compile); say so
+        # in the resolved config too, or the per-step runtime states would build CUDA
+        # graph runners for it.
+        graphs = copy.deepcopy(graphs)
+        graphs.decode.backend = "disabled"
+        server_args.cuda_graph_config = graphs
     if getattr(server_args, "enable_mixed_chunk", False):
         logger.warning("DSDE: mixed chunked prefill is disabled (STANDALONE does not "
                        "support it)")

@@ -1,18 +1,33 @@
-"""The adapter between SGLang's speculative path and the DSDE core.
+"""The adapter between SGLang's speculative path and DSDE (``sglang_dsde.runtime``).
 
-This is the one module outside ``patches/`` that imports ``sglang.srt`` internals (all
-of them inside functions, so importing it is cheap). DSDE rides SGLang's STANDALONE
-path: a separate draft model sharing the target's vocabulary, ``StandaloneWorkerV2``
-(the V2 schema, overlap-capable), topk 1.
+This is the one module outside ``patches/`` that imports ``sglang.srt`` internals (read
+against SGLang 0.5.23). DSDE rides the STANDALONE path: a separate draft model sharing the
+target's vocabulary, ``StandaloneWorkerV2`` (the V2 schema), topk 1. ``DSDEWorkerV2``
+subclasses it and adds, without copying any of its code:
+
+* the draft distributions: ``draft_runner.forward`` is wrapped on this instance to copy
+  each draft decode step's logits into the runtime's buffer (the copies are captured with
+  the draft loop in CUDA graphs) and to keep the draft-extend output, whose rows become
+  each request's first-draft distribution for the next round (kept by slot);
+* the signal and the policy after every verify (``verify`` override), the per-request SL
+  reported as SGLang's ``cap_lens`` (meta_info ``spec_cap_length``, histogram);
+* the step count: an ``AdaptiveController`` with one pre-built ``SpecRuntimeState`` per
+  step value in ``[min_steps, max_steps]`` (SGLang's own mechanism, CUDA-graph safe),
+  switched between rounds to the runtime's decision;
+* slot lifetime: the request pool's allocation hook resets a slot, ``free_rows`` clears it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import logging
+from typing import Any, List, Optional
 
+import torch
 from sglang.srt.speculative.spec_info import CustomSpecAlgo
 
 from sglang_dsde import args
+
+logger = logging.getLogger(__name__)
 
 
 class DSDESpecAlgo(CustomSpecAlgo):
@@ -57,7 +72,185 @@ class DSDESpecAlgo(CustomSpecAlgo):
 
 def worker_factory(server_args: Any) -> type:
     """The worker class SGLang instantiates for DSDE."""
-    # Until the DSDE worker lands (issue 6), DSDE runs SGLang's STANDALONE worker unchanged.
+    return _worker_class()
+
+
+class _StepSchedule:
+    """SGLang's ``AdaptiveSpecPolicy`` protocol, answering with the runtime's decision."""
+
+    def __init__(self, candidate_steps: List[int], initial_steps: int):
+        self._candidates = candidate_steps
+        self._graph_bs: Optional[List[int]] = None
+        self.planned_steps = initial_steps
+
+    @property
+    def candidate_steps(self) -> List[int]:
+        return self._candidates
+
+    def set_cuda_graph_bs(self, cuda_graph_bs):
+        self._graph_bs = cuda_graph_bs
+
+    def cuda_graph_bs_for_step(self, step: int):
+        return self._graph_bs
+
+    def get_steps_for_batch(self, batch_size: int) -> int:
+        return self.planned_steps
+
+    def on_verify_complete(self, num_correct_drafts_per_req, batch_size: int):
+        return None  # the decision is taken on device in DSDEWorkerV2.verify
+
+
+_WORKER_CLASS = None
+
+
+def _worker_class() -> type:
+    """Build ``DSDEWorkerV2`` on first use: its base class imports the model stack."""
+    global _WORKER_CLASS
+    if _WORKER_CLASS is None:
+        _WORKER_CLASS = _define_worker_class()
+    return _WORKER_CLASS
+
+
+def _define_worker_class() -> type:
+    from sglang.srt.arg_groups.overrides import resolution_result
+    from sglang.srt.speculative.adaptive_runtime_state import AdaptiveController
     from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
-    return StandaloneWorkerV2
+    from sglang_dsde.runtime import DSDERuntime
+
+    class DSDEWorkerV2(StandaloneWorkerV2):
+        """STANDALONE's worker, plus the DSDE signal, policy and step switching."""
+
+        def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
+            super().__init__(server_args, gpu_id, nccl_port, target_worker)
+            self.dsde_config = args.dsde_config_of(server_args)
+            self.dsde_initial_steps = self.speculative_num_steps
+            cfg = self.dsde_config
+            candidates = list(range(max(1, cfg.min_steps), cfg.max_steps + 1))
+            self._schedule = _StepSchedule(candidates, self.speculative_num_steps)
+            self.adaptive_controller = AdaptiveController(self, self._schedule)
+            self.dsde: Optional[DSDERuntime] = None
+            self._extend_output = None
+            self._warned_skipped = False
+
+        # -- start-up ---------------------------------------------------------------
+
+        def init_cuda_graphs(self):
+            self._init_dsde_runtime()
+            super().init_cuda_graphs()
+            self._wrap_extend_graph_runner()
+
+        def apply_runtime_state(self, state) -> None:
+            super().apply_runtime_state(state)
+            self._wrap_extend_graph_runner()
+
+        def _wrap_extend_graph_runner(self) -> None:
+            """A replayed draft-extend graph bypasses ``forward``: keep its output too."""
+            runner = self._draft_worker.cuda_graph_runner_for_draft_extend
+            if runner is None or getattr(runner, "_dsde_wrapped", False):
+                return
+            execute, worker = runner.execute, self
+
+            def execute_recording(*a, **kw):
+                out = execute(*a, **kw)
+                worker._extend_output = out
+                return out
+
+            runner.execute = execute_recording
+            runner._dsde_wrapped = True
+
+        def _init_dsde_runtime(self) -> None:
+            pool = self.req_to_token_pool
+            max_slots = int(pool.req_to_token.shape[0])
+            vocab = int(self._target_worker.model_runner.model_config.vocab_size)
+            self.dsde = DSDERuntime(
+                self.dsde_config, max_slots=max_slots, max_rows=max_slots,
+                vocab_size=vocab, initial_steps=self.dsde_initial_steps,
+                device=self.device,
+                # Under overlap scheduling the CPU runs one round ahead of the GPU.
+                lag_rounds=0 if resolution_result(self.server_args,
+                                                  "disable_overlap_schedule") else 1)
+            runtime = self.dsde
+
+            def on_alloc_rows(rows):
+                runtime.on_slots_allocated(torch.as_tensor(rows, dtype=torch.int64))
+
+            if getattr(pool, "_on_alloc_rows", None) is None:
+                pool.register_on_alloc_rows(on_alloc_rows)
+            else:  # another owner (unified KV): call both
+                previous = pool._on_alloc_rows
+                pool._on_alloc_rows = lambda rows: (previous(rows), on_alloc_rows(rows))
+            free_rows = pool.free_rows
+
+            def free_rows_and_forget(indices):
+                free_rows(indices)
+                runtime.on_slots_freed(torch.as_tensor(list(indices), dtype=torch.int64))
+
+            pool.free_rows = free_rows_and_forget
+            self._wrap_draft_runner()
+
+        def _wrap_draft_runner(self) -> None:
+            draft_worker = self._draft_worker
+            runner = draft_worker.draft_runner
+            forward, draft_forward = runner.forward, draft_worker.draft_forward
+            worker = self
+
+            def forward_recording(forward_batch, *a, **kw):
+                out = forward(forward_batch, *a, **kw)
+                if forward_batch.forward_mode.is_decode():
+                    worker.dsde.record_draft_step(out.logits_output.next_token_logits,
+                                                  steps=worker.speculative_num_steps)
+                else:  # draft extend: rows are selected later, on this same object
+                    worker._extend_output = out.logits_output
+                return out
+
+            def draft_forward_from_step_one(forward_batch):
+                worker.dsde.begin_draft_steps()
+                return draft_forward(forward_batch)
+
+            runner.forward = forward_recording
+            draft_worker.draft_forward = draft_forward_from_step_one
+
+        # -- one round -------------------------------------------------------------
+
+        def forward_batch_generation(self, batch, on_publish=None, grammar_barrier=None,
+                                     pp_proxy_tensors=None):
+            is_decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch)
+            slots = batch.req_pool_indices
+            if is_decode and not batch.forward_mode.is_idle():
+                steps = self.dsde.next_batch_steps(slots)
+                self._schedule.planned_steps = steps
+                self.dsde.begin_round(slots, steps)
+                self._warn_skipped_once()
+            self._extend_output = None
+            result = super().forward_batch_generation(
+                batch, on_publish=on_publish, grammar_barrier=grammar_barrier,
+                pp_proxy_tensors=pp_proxy_tensors)
+            if self._extend_output is not None and not batch.forward_mode.is_idle():
+                self.dsde.record_first_draft(slots, self._extend_output.next_token_logits)
+            self._extend_output = None
+            return result
+
+        def verify(self, batch, pp_proxy_tensors=None, grammar_barrier=None):
+            result = super().verify(batch, pp_proxy_tensors=pp_proxy_tensors,
+                                    grammar_barrier=grammar_barrier)
+            if batch.forward_mode.is_idle() or batch.req_pool_indices.shape[0] == 0:
+                return result
+            info = batch.sampling_info
+            # Greedy requests (SGLang turns T=0 into top_k=1) use raw-logit distributions.
+            temperature = torch.where(info.top_ks.reshape(-1) <= 1, 0.0,
+                                      info.temperatures.reshape(-1).float())
+            result.cap_lens = self.dsde.on_verify(
+                batch.req_pool_indices, self.speculative_num_steps,
+                result.logits_output.next_token_logits, result.accept_lens, temperature)
+            return result
+
+        def _warn_skipped_once(self) -> None:
+            if self.dsde.num_skipped_signals and not self._warned_skipped:
+                self._warned_skipped = True
+                logger.warning(
+                    "DSDE: %d request round(s) had non-finite draft/target logits or no "
+                    "draft; their signal was skipped and their SL fell back to %d (logged "
+                    "once)", self.dsde.num_skipped_signals, self.dsde_initial_steps)
+
+    return DSDEWorkerV2

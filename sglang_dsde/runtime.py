@@ -1,0 +1,202 @@
+"""DSDE's per-server runtime: draft-distribution buffers, the signal, the policy, decisions.
+
+Pure torch (no SGLang import): ``sglang_dsde.worker`` adapts SGLang's tensors to the calls
+below and the decisions back; unit tests drive this class directly. One round goes::
+
+    runtime.begin_round(slots)                  # row 0 of each request: its first draft
+    runtime.record_draft_step(logits, steps=steps)  x (steps - 1)   # positions 1 ..
+    req_steps = runtime.on_verify(slots, steps, target_logits, accept_lens, temperature)
+    runtime.record_first_draft(slots, logits)   # draft-extend: next round's first draft
+    steps = runtime.next_batch_steps(slots)     # the step count of the next round
+
+Why the first draft is kept by *slot*: the distribution that proposes a request's first
+draft token of round t+1 comes out of round t's draft-extend, and the batch of round t+1
+may hold other requests in another order; the slot (SGLang's ``req_pool_indices``) is the
+request's stable address. Later draft steps are kept by batch row.
+
+Buffers are preallocated once (``max_rows`` rows, ``max_steps + 1`` positions, ``V``
+columns) and each round views their first ``bs * (steps + 1) * V`` elements as
+``[bs, steps + 1, V]``, so a round's view is contiguous whatever its step count and the
+copies a CUDA graph captures write to fixed addresses for that state.
+
+Robustness: a request whose KL is not finite (NaN/inf logits) or that drafted nothing has
+its signal skipped for the round (it is fed as zero drafted tokens) and its next SL falls
+back to the static length; the count of such requests travels to the host with the
+decision so the worker can warn once, without an extra synchronisation.
+
+Decisions reach the host once per round (``next_batch_steps``): without overlap
+scheduling the state updated by the last verify is read directly (one sync, where the
+scheduler syncs anyway); with overlap (``lag_rounds=1``) the step count decided one round
+earlier is used, copied asynchronously, so the CPU never waits on the GPU. Every tensor
+read is computed from rank-identical inputs (all-gathered logits, the same draft), so all
+TP ranks take the same decision without a broadcast.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Deque, Optional, Tuple
+
+import torch
+
+from sglang_dsde.config import DSDEConfig
+from sglang_dsde.core import kl_per_position, make_policy
+
+
+class DSDERuntime:
+    """Everything DSDE keeps per server: buffers by slot and row, policy state, decisions."""
+
+    def __init__(self, cfg: DSDEConfig, *, max_slots: int, max_rows: int, vocab_size: int,
+                 initial_steps: int, device="cpu", logits_dtype=torch.float32,
+                 lag_rounds: int = 0):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.vocab_size = int(vocab_size)
+        self.max_rows = int(max_rows)
+        self.initial_steps = int(initial_steps)
+        self.lag_rounds = int(lag_rounds)
+        self.policy = make_policy(cfg, max_slots=max_slots, device=self.device,
+                                  default_initial_steps=initial_steps)
+        width = cfg.max_steps + 1
+        #: The distribution that proposes each slot's next first draft token.
+        self.slot_first_draft = torch.zeros(max_slots, self.vocab_size, dtype=logits_dtype,
+                                            device=self.device)
+        #: Flat storage for ``[bs, steps + 1, V]`` views of this round's draft logits.
+        self._round_draft = torch.zeros(self.max_rows * width * self.vocab_size,
+                                        dtype=logits_dtype, device=self.device)
+        #: Slots that hold a live request (allocated and not yet freed).
+        self.slot_in_use = torch.zeros(max_slots, dtype=torch.bool, device=self.device)
+        self._next_step = 0
+        self._pending: Deque[Tuple[torch.Tensor, Optional[object]]] = collections.deque()
+        self.num_rounds = 0
+        self.num_skipped_signals = 0  # requests whose signal was skipped (host count)
+
+    # -- request lifetime -------------------------------------------------------------
+
+    def on_slots_allocated(self, slots: torch.Tensor) -> None:
+        """A new request took each slot: fresh policy state, no first draft yet."""
+        slots = slots.to(self.device, torch.int64)
+        self.policy.reset_slots(slots)
+        self.slot_in_use[slots] = True
+
+    def on_slots_freed(self, slots: torch.Tensor) -> None:
+        """Requests finished or were aborted: forget them (also reset at reuse)."""
+        slots = slots.to(self.device, torch.int64)
+        self.policy.reset_slots(slots)
+        self.slot_in_use[slots] = False
+
+    # -- one round ----------------------------------------------------------------------
+
+    def round_draft_logits(self, bs: int, steps: int) -> torch.Tensor:
+        """``[bs, steps + 1, V]`` contiguous view of this round's draft logits."""
+        width = steps + 1
+        return self._round_draft[: bs * width * self.vocab_size].view(bs, width,
+                                                                      self.vocab_size)
+
+    def begin_round(self, slots: torch.Tensor, steps: int) -> None:
+        """Before drafting: row 0 of each request is its first-draft distribution."""
+        bs = int(slots.shape[0])
+        if bs > self.max_rows:
+            raise ValueError(f"DSDE runtime: batch of {bs} requests exceeds {self.max_rows}")
+        self.begin_draft_steps()
+        if bs:
+            self.round_draft_logits(bs, int(steps))[:, 0].copy_(
+                self.slot_first_draft[slots.to(self.device, torch.int64)])
+
+    def begin_draft_steps(self) -> None:
+        """The next ``record_draft_step`` is draft position 1 (also at graph capture)."""
+        self._next_step = 1
+
+    def record_draft_step(self, logits: torch.Tensor, *, steps: int) -> None:
+        """A draft decode step's logits ``[rows, V]`` for a state of ``steps`` steps.
+
+        ``rows`` is the batch size, or the padded size of a CUDA graph being captured: row
+        b, position j lives at the same address whatever the batch size, so the copy a
+        graph captures for its padded size lands where ``on_verify`` reads the real rows.
+        """
+        step = self._next_step
+        rows = int(logits.shape[0])
+        if step > steps or rows > self.max_rows or rows == 0:
+            return
+        self.round_draft_logits(rows, steps)[:, step].copy_(logits)
+        self._next_step = step + 1
+
+    def record_first_draft(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
+        """Draft-extend output ``[bs, V]``: the next first-draft distribution per slot."""
+        bs = int(slots.shape[0])
+        if bs:
+            self.slot_first_draft[slots.to(self.device, torch.int64)] = \
+                logits[:bs].to(self.slot_first_draft.dtype)
+
+    def on_verify(self, slots: torch.Tensor, steps: int, target_logits: torch.Tensor,
+                  accept_lens: torch.Tensor, temperature: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+        """Feed one verify round; return each request's SL for its next round ``[bs]``.
+
+        ``target_logits``: ``[bs * (steps + 1), V]``, row ``b * (steps + 1) + j`` the target
+        distribution after node j; ``accept_lens``: accepted drafts + 1 (the bonus).
+        """
+        bs = int(slots.shape[0])
+        slots = slots.to(self.device, torch.int64)
+        if bs == 0:
+            return torch.zeros(0, dtype=torch.int64, device=self.device)
+        width = steps + 1
+        target = target_logits.reshape(bs, width, self.vocab_size)
+        draft = self.round_draft_logits(bs, steps)
+        num_drafted = torch.full((bs,), steps, dtype=torch.int64, device=self.device)
+        kl = kl_per_position(target, draft, num_drafted, temperature)
+        drafted_kl = kl[:, :steps]
+        usable = torch.isfinite(drafted_kl).all(dim=1) & (num_drafted > 0)
+        num_accepted = (accept_lens.to(self.device, torch.int64) - 1).clamp(0, steps)
+        decision = self.policy.update(
+            slots, torch.where(usable, num_drafted, 0), torch.where(usable, num_accepted, 0),
+            req_kl=torch.where(usable.unsqueeze(1), drafted_kl, 0.0),
+            req_temperature=temperature)
+        req_steps = torch.where(usable, decision.req_steps, self.initial_steps)
+        self.policy.req_steps[slots] = req_steps
+        self.num_rounds += 1
+        self._push_decision(torch.stack([req_steps.max(), (~usable).sum()]))
+        return req_steps
+
+    # -- decisions to the host --------------------------------------------------------
+
+    def _push_decision(self, packed: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((host, event))
+        else:
+            self._pending.append((packed, None))
+        while len(self._pending) > self.lag_rounds + 1:
+            self._pending.popleft()
+
+    def next_batch_steps(self, slots: torch.Tensor) -> int:
+        """The step count for a batch about to draft (the round's one host read).
+
+        Without lag: the largest current SL over the batch (new requests count with the
+        initial SL). With ``lag_rounds`` = 1: the previous round's decision.
+        """
+        if self.lag_rounds == 0:
+            if slots.shape[0] == 0:
+                return self.initial_steps
+            self._drain()
+            return int(self.policy.steps_for(slots.to(self.device, torch.int64)).max())
+        if len(self._pending) <= self.lag_rounds:
+            return self.initial_steps
+        host, event = self._pending.popleft()
+        if event is not None:
+            event.synchronize()
+        self.num_skipped_signals += int(host[1])
+        return int(host[0])
+
+    def _drain(self) -> None:
+        while self._pending:
+            host, event = self._pending.popleft()
+            if event is not None:
+                event.synchronize()
+            self.num_skipped_signals += int(host[1])
+
+    def num_live_slots(self) -> int:
+        return int(self.slot_in_use.sum())
