@@ -99,6 +99,7 @@ def make_tiny_llama(
         except ValueError:
             pass
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent if path.parent.exists() else None))
+    os.chmod(tmp, 0o755)
     try:
         tokenizer = _build_tokenizer(vocab)
         heads = max(1, hidden // 16)
@@ -184,8 +185,20 @@ def server_command(
             "--speculative-num-steps", str(num_steps),
             "--speculative-eagle-topk", "1",
             "--speculative-num-draft-tokens", str(num_steps + 1),
+            # SGLang folds the accept counters into the lifetime average that
+            # /server_info reports only when it logs decode stats: log every step.
+            "--decode-log-interval", "1",
         ]
     return cmd + list(extra_args)
+
+
+class ServerError(RuntimeError):
+    """A non-200 answer from the server (status code and body kept)."""
+
+    def __init__(self, status_code: int, body: str):
+        super().__init__(f"HTTP {status_code}: {body[:500]}")
+        self.status_code = status_code
+        self.body = body
 
 
 class ServerProcess:
@@ -204,19 +217,45 @@ class ServerProcess:
 
     # -- requests ------------------------------------------------------------------
     def generate(self, text=None, *, input_ids=None, max_new_tokens: int = 32,
-                 timeout: float = 300, **sampling) -> dict:
+                 rid: str | None = None, timeout: float = 300, **sampling) -> dict:
+        """POST /generate (greedy unless ``sampling`` says otherwise); the JSON answer."""
         import requests
 
         params = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
         params.update(sampling)
         payload = {"sampling_params": params}
+        if rid is not None:
+            payload["rid"] = rid
         if input_ids is not None:
             payload["input_ids"] = input_ids
         else:
             payload["text"] = text
         r = requests.post(f"{self.base_url}/generate", json=payload, timeout=timeout)
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise ServerError(r.status_code, r.text)
         return r.json()
+
+    def stream_generate(self, text, *, max_new_tokens: int = 32, rid: str | None = None,
+                        timeout: float = 300, **sampling):
+        """POST /generate with ``stream``; yields each JSON chunk as it arrives."""
+        import requests
+
+        params = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
+        params.update(sampling)
+        payload = {"text": text, "sampling_params": params, "stream": True}
+        if rid is not None:
+            payload["rid"] = rid
+        with requests.post(f"{self.base_url}/generate", json=payload, stream=True,
+                           timeout=timeout) as r:
+            if r.status_code != 200:
+                raise ServerError(r.status_code, r.text)
+            for line in r.iter_lines():
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[len(b"data:"):].strip()
+                if data == b"[DONE]":
+                    return
+                yield json.loads(data)
 
     def chat(self, content: str, *, max_tokens: int = 64, timeout: float = 300) -> dict:
         import requests
@@ -229,6 +268,12 @@ class ServerProcess:
         )
         r.raise_for_status()
         return r.json()
+
+    def abort(self, rid: str) -> None:
+        import requests
+
+        requests.post(f"{self.base_url}/abort_request", json={"rid": rid},
+                      timeout=30).raise_for_status()
 
     def server_info(self) -> dict:
         import requests

@@ -1,0 +1,32 @@
+"""End-to-end fixtures: real SGLang CPU servers on loopback, started and stopped here.
+
+Every server is bounded (``--max-total-tokens``), runs ``--dtype float32`` and is polled
+on ``/health`` with a bounded start-up wait (``sglang_dsde.testing.launch_server``).
+Servers are module-scoped, so at most one module's servers live at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sglang_dsde.testing import make_tiny_llama
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A random-weight 2-layer target and a 1-layer draft with the same tokenizer."""
+    root = tmp_path_factory.mktemp("e2e-tiny")
+    return SimpleNamespace(
+        target=make_tiny_llama(root / "target", num_layers=2, seed=0),
+        draft=make_tiny_llama(root / "draft", num_layers=1, seed=1),
+    )
+
+
+@pytest.fixture(scope="session")
+def server_logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("server-logs")
