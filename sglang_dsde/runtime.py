@@ -68,8 +68,11 @@ class DSDERuntime:
         self.slot_in_use = torch.zeros(max_slots, dtype=torch.bool, device=self.device)
         self._next_step = 0
         self._pending: Deque[Tuple[torch.Tensor, Optional[object]]] = collections.deque()
+        # Host-side counters, updated when a decision is read (never in the round path).
         self.num_rounds = 0
-        self.num_skipped_signals = 0  # requests whose signal was skipped (host count)
+        self.num_skipped_signals = 0  # request-rounds whose signal was skipped
+        self.last_cap = -1
+        self.batch_steps_histogram: dict = {}
 
     # -- request lifetime -------------------------------------------------------------
 
@@ -155,7 +158,7 @@ class DSDERuntime:
         req_steps = torch.where(usable, decision.req_steps, self.initial_steps)
         self.policy.req_steps[slots] = req_steps
         self.num_rounds += 1
-        self._push_decision(torch.stack([req_steps.max(), (~usable).sum()]))
+        self._push_decision(torch.stack([req_steps.max(), (~usable).sum(), decision.cap]))
         return req_steps
 
     # -- decisions to the host --------------------------------------------------------
@@ -169,8 +172,9 @@ class DSDERuntime:
             self._pending.append((host, event))
         else:
             self._pending.append((packed, None))
-        while len(self._pending) > self.lag_rounds + 1:
-            self._pending.popleft()
+        # Decisions nobody asked for (rounds without a next_batch_steps call) are still
+        # counted; they are at least lag + 1 rounds old, so reading them does not wait.
+        self._read_pending(keep=self.lag_rounds + 1)
 
     def next_batch_steps(self, slots: torch.Tensor) -> int:
         """The step count for a batch about to draft (the round's one host read).
@@ -179,24 +183,35 @@ class DSDERuntime:
         initial SL). With ``lag_rounds`` = 1: the previous round's decision.
         """
         if self.lag_rounds == 0:
-            if slots.shape[0] == 0:
-                return self.initial_steps
-            self._drain()
-            return int(self.policy.steps_for(slots.to(self.device, torch.int64)).max())
-        if len(self._pending) <= self.lag_rounds:
-            return self.initial_steps
-        host, event = self._pending.popleft()
-        if event is not None:
-            event.synchronize()
-        self.num_skipped_signals += int(host[1])
-        return int(host[0])
+            self._read_pending(keep=0)
+            steps = (int(self.policy.steps_for(slots.to(self.device, torch.int64)).max())
+                     if slots.shape[0] else self.initial_steps)
+        elif len(self._pending) <= self.lag_rounds:
+            steps = self.initial_steps
+        else:
+            steps = self._read_pending(keep=self.lag_rounds)
+        self.batch_steps_histogram[steps] = self.batch_steps_histogram.get(steps, 0) + 1
+        return steps
 
-    def _drain(self) -> None:
-        while self._pending:
+    def _read_pending(self, keep: int) -> int:
+        """Read decisions older than the newest ``keep``; return the last one's steps."""
+        steps = self.initial_steps
+        while len(self._pending) > keep:
             host, event = self._pending.popleft()
             if event is not None:
                 event.synchronize()
-            self.num_skipped_signals += int(host[1])
+            steps, skipped, self.last_cap = (int(v) for v in host.tolist())
+            self.num_skipped_signals += skipped
+        return steps
 
-    def num_live_slots(self) -> int:
-        return int(self.slot_in_use.sum())
+    def stats(self) -> dict:
+        """DSDE's state for humans (``/server_info``): host counters and slot occupancy."""
+        return {
+            "policy": self.cfg.policy,
+            "live_slots": int(self.slot_in_use.sum()),
+            "rounds": self.num_rounds,
+            "skipped_signals": self.num_skipped_signals,
+            "last_cap": self.last_cap,
+            "batch_steps_histogram": {str(k): v for k, v in
+                                      sorted(self.batch_steps_histogram.items())},
+        }

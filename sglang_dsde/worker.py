@@ -245,6 +245,10 @@ def _define_worker_class() -> type:
                 result.logits_output.next_token_logits, result.accept_lens, temperature)
             return result
 
+        def dsde_stats(self) -> dict:
+            """DSDE's state for ``/server_info`` (``patches/internal_state.py``)."""
+            return self.dsde.stats() if self.dsde is not None else {}
+
         def _warn_skipped_once(self) -> None:
             if self.dsde.num_skipped_signals and not self._warned_skipped:
                 self._warned_skipped = True

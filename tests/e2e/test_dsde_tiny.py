@@ -1,0 +1,179 @@
+"""``--speculative-algorithm DSDE`` end to end on CPU with tiny random models.
+
+Real server processes on loopback (started and stopped here, ``tests/e2e/conftest.py``).
+Each behaviour is checked against a server without speculation: greedy DSDE output equals
+it token for token; DSDE adapts (the batch step count moves, per-request SLs differ); NaN
+draft logits neither crash the server nor change the output; 1,000 short requests with
+20% client disconnects leave no DSDE slot behind; an SGLang frontend program runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import json
+import random
+import time
+
+import pytest
+import torch
+
+from sglang_dsde.testing import make_tiny_llama, running_server
+
+MAX_TOTAL_TOKENS = 4096
+PROMPTS = [
+    "Hello, how are",
+    "The capital of France",
+    "def add(a, b):",
+    "Once upon a time there was",
+    "one, two, three,",
+    "Speculative decoding drafts",
+    "The quick brown fox",
+    "What is your name?",
+]
+# A short window so requests finish warm-up within a few rounds and the policy acts.
+DSDE_ARGS = ["--dsde-window", "4", "--dsde-max-steps", "6", "--dsde-min-steps", "1"]
+
+
+def _dsde_server(target, draft, logs, extra=()):
+    return running_server(target, draft_model_path=draft, algorithm="DSDE", num_steps=3,
+                          max_total_tokens=MAX_TOTAL_TOKENS, log_dir=logs,
+                          extra_args=[*DSDE_ARGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_models, server_logs):
+    with running_server(tiny_models.target, algorithm=None, max_total_tokens=MAX_TOTAL_TOKENS,
+                        log_dir=server_logs) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def dsde(tiny_models, server_logs):
+    """DSDE with the target as its own draft: long accepted runs, so SLs move."""
+    with _dsde_server(tiny_models.target, tiny_models.target, server_logs) as server:
+        yield server
+
+
+def _dsde_state(server) -> dict:
+    for state in server.server_info().get("internal_states", []) or []:
+        if "dsde" in state:
+            return state["dsde"]
+    raise AssertionError("no DSDE state in /server_info")
+
+
+def _generate_all(server, prompts, max_new_tokens=32):
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda p: server.generate(p, max_new_tokens=max_new_tokens),
+                             prompts))
+
+
+def test_greedy_dsde_output_equals_plain(plain, dsde):
+    want = [r["output_ids"] for r in _generate_all(plain, PROMPTS)]
+    got = _generate_all(dsde, PROMPTS)
+    for prompt, w, g in zip(PROMPTS, want, got):
+        assert g["output_ids"] == w, prompt
+    one_by_one = [dsde.generate(p, max_new_tokens=32)["output_ids"] for p in PROMPTS[:3]]
+    assert one_by_one == want[:3]
+
+
+def test_step_count_and_per_request_lengths_adapt(dsde):
+    # Easy (repetitive, code) and hard (random token soup) prompts in one batch.
+    rng = random.Random(0)
+    hard = ["".join(rng.choice("qzxjkvbw{}#@!") for _ in range(40)) for _ in range(4)]
+    easy = ["one, two, three, four, five, six,", "def add(a, b):\n    return a + b\n"] * 2
+    results = _generate_all(dsde, easy + hard, max_new_tokens=48)
+    cap_lengths = {round(r["meta_info"]["spec_cap_length"], 3) for r in results}
+    assert len(cap_lengths) > 1, cap_lengths
+    histograms = [r["meta_info"]["spec_cap_lens_histogram"] for r in results]
+    assert all(sum(h) == r["meta_info"]["spec_verify_ct"] for h, r in zip(histograms, results))
+    state = _dsde_state(dsde)
+    assert len(state["batch_steps_histogram"]) > 1, state
+    assert state["policy"] == "dsde" and state["rounds"] > 0
+
+
+def _nan_draft(tiny_models, tmp_path_factory):
+    """A copy of the 1-layer draft whose LM head row 7 is NaN: every draft row is NaN."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("nan-draft")
+    path = make_tiny_llama(root / "draft", num_layers=1, seed=1)
+    weights_file = next(path.glob("*.safetensors"))
+    weights = load_file(weights_file)
+    weights["lm_head.weight"][7] = float("nan")
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    return path
+
+
+def test_nan_draft_logits_do_not_crash_or_change_output(plain, tiny_models, server_logs,
+                                                        tmp_path_factory):
+    draft = _nan_draft(tiny_models, tmp_path_factory)
+    want = [r["output_ids"] for r in _generate_all(plain, PROMPTS[:4])]
+    with _dsde_server(tiny_models.target, draft, server_logs) as server:
+        got = [r["output_ids"] for r in _generate_all(server, PROMPTS[:4])]
+        assert server.healthy()
+        state = _dsde_state(server)
+        log = server.log_path.read_text(errors="replace")
+    assert got == want
+    assert state["skipped_signals"] > 0, state
+    assert log.count("their signal was skipped") == 1  # warned once
+
+
+async def _load(base_url: str, num_requests: int, abort_fraction: float, seed: int) -> dict:
+    import aiohttp
+
+    rng = random.Random(seed)
+    counts = {"done": 0, "aborted": 0}
+    limit = asyncio.Semaphore(32)
+
+    async def one(session, i):
+        abort = rng.random() < abort_fraction
+        payload = {"text": PROMPTS[i % len(PROMPTS)] + f" {i}",
+                   "sampling_params": {"temperature": 0.0, "ignore_eos": True,
+                                       "max_new_tokens": 64 if abort else rng.randint(1, 6)},
+                   "stream": abort}
+        async with limit:
+            async with session.post(f"{base_url}/generate", json=payload) as resp:
+                assert resp.status == 200, await resp.text()
+                if abort:  # disconnect after the first streamed chunk: the server aborts
+                    await resp.content.readline()
+                    resp.close()
+                    counts["aborted"] += 1
+                else:
+                    body = await resp.json()
+                    assert body["meta_info"]["completion_tokens"] >= 1
+                    counts["done"] += 1
+
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(*(one(session, i) for i in range(num_requests)))
+    return counts
+
+
+def test_thousand_requests_with_aborts_leave_no_stale_state(plain, dsde):
+    counts = asyncio.run(_load(dsde.base_url, 1000, 0.2, seed=0))
+    assert counts["done"] + counts["aborted"] == 1000 and counts["aborted"] > 100
+    # Aborted requests are released by the scheduler asynchronously: wait, bounded.
+    deadline = time.monotonic() + 120
+    while (state := _dsde_state(dsde))["live_slots"] and time.monotonic() < deadline:
+        time.sleep(0.5)  # polling interval of a bounded wait, not synchronisation
+    assert state["live_slots"] == 0, state
+    assert dsde.healthy()
+    assert (dsde.generate(PROMPTS[5])["output_ids"]
+            == plain.generate(PROMPTS[5])["output_ids"])
+
+
+def test_sglang_frontend_program(plain, dsde):
+    import sglang as sgl
+
+    @sgl.function
+    def complete(s, prompt):
+        s += prompt
+        s += sgl.gen("answer", max_tokens=16, temperature=0)
+
+    answers = []
+    for server in (plain, dsde):
+        state = complete.run(prompt=PROMPTS[1], backend=sgl.RuntimeEndpoint(server.base_url))
+        answers.append(state["answer"])
+    assert answers[0] == answers[1]
+    assert answers[1]  # the program produced text

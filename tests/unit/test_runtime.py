@@ -1,0 +1,115 @@
+"""DSDERuntime (pure torch): buffers by slot and row, the signal, robustness, decisions."""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_dsde.config import DSDEConfig
+from sglang_dsde.core import kl_per_position, make_policy
+from sglang_dsde.runtime import DSDERuntime
+
+VOCAB = 50
+
+
+def make_runtime(lag_rounds=0, **cfg):
+    config = DSDEConfig(**{"window": 4, "min_steps": 1, "max_steps": 4, **cfg})
+    return DSDERuntime(config, max_slots=8, max_rows=8, vocab_size=VOCAB, initial_steps=2,
+                       lag_rounds=lag_rounds)
+
+
+def play_round(runtime, slots, steps, gen, target=None, accept_lens=None):
+    """Draft ``steps`` positions for ``slots`` and verify; return (draft, target, req_steps)."""
+    bs = len(slots)
+    slots = torch.tensor(slots)
+    runtime.begin_round(slots, steps)
+    draft = torch.randn(bs, steps + 1, VOCAB, generator=gen)
+    draft[:, 0] = runtime.slot_first_draft[slots]
+    for j in range(1, steps):
+        runtime.record_draft_step(draft[:, j].clone(), steps=steps)
+    if target is None:
+        target = torch.randn(bs * (steps + 1), VOCAB, generator=gen)
+    if accept_lens is None:
+        accept_lens = torch.randint(1, steps + 2, (bs,), generator=gen)
+    req_steps = runtime.on_verify(slots, steps, target, accept_lens)
+    return draft, target, req_steps, accept_lens
+
+
+def test_signal_pairs_target_rows_with_the_drafts_that_proposed_them():
+    gen = torch.Generator().manual_seed(0)
+    runtime = make_runtime()
+    slots = [3, 5]
+    runtime.on_slots_allocated(torch.tensor(slots))
+    runtime.record_first_draft(torch.tensor(slots), torch.randn(2, VOCAB, generator=gen))
+    draft, target, req_steps, accepted = play_round(runtime, slots, 3, gen)
+    # The same round through the core directly: KL over positions 0..2, bonus masked.
+    kl = kl_per_position(target.view(2, 4, VOCAB), draft, torch.tensor([3, 3]))
+    reference = make_policy(runtime.cfg, max_slots=8, default_initial_steps=2)
+    expected = reference.update(torch.tensor(slots), torch.tensor([3, 3]), accepted - 1,
+                                req_kl=kl[:, :3])
+    assert torch.equal(req_steps, expected.req_steps)
+    assert torch.equal(runtime.policy.history.values, reference.history.values)
+
+
+def test_first_draft_follows_the_slot_not_the_row():
+    gen = torch.Generator().manual_seed(1)
+    runtime = make_runtime()
+    first = torch.randn(2, VOCAB, generator=gen)
+    runtime.record_first_draft(torch.tensor([6, 1]), first)
+    runtime.begin_round(torch.tensor([1, 6]), 2)  # the next batch in another order
+    rows = runtime.round_draft_logits(2, 2)[:, 0]
+    assert torch.equal(rows[0], first[1]) and torch.equal(rows[1], first[0])
+
+
+def test_non_finite_logits_skip_the_signal_and_fall_back_to_the_static_length():
+    gen = torch.Generator().manual_seed(2)
+    runtime = make_runtime()
+    slots = torch.tensor([0, 1])
+    runtime.on_slots_allocated(slots)
+    for _ in range(6):  # past warm-up: the healthy request leaves the static length
+        target = torch.randn(2 * 4, VOCAB, generator=gen)
+        target[4:, 7] = float("nan")  # request 1: NaN in every target row
+        _, _, req_steps, _ = play_round(runtime, [0, 1], 3, gen, target=target,
+                                        accept_lens=torch.tensor([4, 4]))
+        assert int(req_steps[1]) == runtime.initial_steps
+        assert int(runtime.policy.history.n_seen[1]) == 0  # nothing entered its history
+    assert int(runtime.policy.history.n_seen[0]) == 18
+    assert runtime.next_batch_steps(slots) >= runtime.initial_steps
+    assert runtime.num_skipped_signals == 6
+
+
+def test_slot_lifetime_resets_state_and_tracks_occupancy():
+    gen = torch.Generator().manual_seed(3)
+    runtime = make_runtime()
+    slots = torch.tensor([2, 4])
+    runtime.on_slots_allocated(slots)
+    for _ in range(4):
+        play_round(runtime, [2, 4], 2, gen, accept_lens=torch.tensor([3, 3]))
+    assert runtime.stats()["live_slots"] == 2
+    assert int(runtime.policy.steps_for(slots).max()) > runtime.initial_steps
+    runtime.on_slots_freed(torch.tensor([2]))
+    assert runtime.stats()["live_slots"] == 1
+    assert int(runtime.policy.steps_for(torch.tensor([2]))) == runtime.initial_steps
+    assert int(runtime.policy.history.n_seen[2]) == 0
+    runtime.on_slots_freed(torch.tensor([4]))
+    assert runtime.stats()["live_slots"] == 0
+
+
+def test_decisions_reach_the_host_with_the_configured_lag():
+    """Without overlap a round uses the decision of the round before; with overlap
+    (lag 1) the CPU runs one round ahead, so it uses the decision of two rounds before."""
+    gen = torch.Generator().manual_seed(4)
+    for lag in (0, 1):
+        runtime = make_runtime(lag_rounds=lag)
+        slots = torch.tensor([0])
+        runtime.on_slots_allocated(slots)
+        used, decided = [], []
+        for _ in range(8):
+            steps = runtime.next_batch_steps(slots)
+            used.append(steps)
+            _, _, req_steps, _ = play_round(runtime, [0], steps, gen,
+                                            accept_lens=torch.tensor([steps + 1]))
+            decided.append(int(req_steps.max()))
+        assert used[: lag + 1] == [runtime.initial_steps] * (lag + 1)
+        assert used[lag + 1:] == decided[: len(used) - lag - 1]
+        histogram = {str(k): used.count(k) for k in sorted(set(used))}
+        assert runtime.stats()["batch_steps_histogram"] == histogram
