@@ -177,6 +177,8 @@ def server_command(
         "--max-total-tokens", str(max_total_tokens),
         "--log-level", "warning",
         "--skip-server-warmup",
+        # An idle scheduler otherwise busy-polls (~half a core each on CPU).
+        "--sleep-on-idle",
     ]
     if algorithm and draft_model_path is not None:
         cmd += [

@@ -7,14 +7,11 @@ Servers are module-scoped, so at most one module's servers live at a time.
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from sglang_dsde.testing import make_tiny_llama
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
