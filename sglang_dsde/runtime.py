@@ -131,6 +131,19 @@ class DSDERuntime:
             self.slot_first_draft[slots.to(self.device, torch.int64)] = \
                 logits[:bs].to(self.slot_first_draft.dtype)
 
+    def cut_chains(self, slots: torch.Tensor, retrieve_next_token: torch.Tensor) -> None:
+        """Stop each request's verify chain after its own SL (``per_request_cut``).
+
+        ``retrieve_next_token[b, j] = -1`` ends request b's greedy walk after node j; node 0
+        is the bonus token, so a request of SL k keeps nodes ``0..k`` and can accept at
+        most k drafts. Lossless; it saves no compute (the batch still drafts and verifies
+        its full width) and can only lower that request's accepted tokens.
+        """
+        req_steps = self.policy.steps_for(slots.to(self.device, torch.int64))
+        req_steps = req_steps.to(retrieve_next_token.device)
+        nodes = torch.arange(retrieve_next_token.shape[1], device=retrieve_next_token.device)
+        retrieve_next_token.masked_fill_(nodes.unsqueeze(0) >= req_steps.unsqueeze(1), -1)
+
     def on_verify(self, slots: torch.Tensor, steps: int, target_logits: torch.Tensor,
                   accept_lens: torch.Tensor, temperature: Optional[torch.Tensor] = None
                   ) -> torch.Tensor:

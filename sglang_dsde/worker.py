@@ -232,9 +232,13 @@ def _define_worker_class() -> type:
             return result
 
         def verify(self, batch, pp_proxy_tensors=None, grammar_barrier=None):
+            live = not batch.forward_mode.is_idle() and batch.req_pool_indices.shape[0] > 0
+            if live and self.dsde_config.per_request_cut:
+                self.dsde.cut_chains(batch.req_pool_indices,
+                                     batch.spec_info.retrieve_next_token)
             result = super().verify(batch, pp_proxy_tensors=pp_proxy_tensors,
                                     grammar_barrier=grammar_barrier)
-            if batch.forward_mode.is_idle() or batch.req_pool_indices.shape[0] == 0:
+            if not live:
                 return result
             info = batch.sampling_info
             # Greedy requests (SGLang turns T=0 into top_k=1) use raw-logit distributions.

@@ -177,3 +177,11 @@ def test_sglang_frontend_program(plain, dsde):
         answers.append(state["answer"])
     assert answers[0] == answers[1]
     assert answers[1]  # the program produced text
+
+
+def test_per_request_cut_is_lossless(plain, tiny_models, server_logs):
+    want = [r["output_ids"] for r in _generate_all(plain, PROMPTS)]
+    with _dsde_server(tiny_models.target, tiny_models.target, server_logs,
+                      extra=["--dsde-per-request-cut"]) as server:
+        got = [r["output_ids"] for r in _generate_all(server, PROMPTS)]
+    assert got == want

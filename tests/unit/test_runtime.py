@@ -113,3 +113,12 @@ def test_decisions_reach_the_host_with_the_configured_lag():
         assert used[lag + 1:] == decided[: len(used) - lag - 1]
         histogram = {str(k): used.count(k) for k in sorted(set(used))}
         assert runtime.stats()["batch_steps_histogram"] == histogram
+
+
+def test_per_request_cut_stops_each_chain_after_its_own_length():
+    runtime = make_runtime()
+    slots = torch.tensor([0, 1])
+    runtime.policy.req_steps[slots] = torch.tensor([1, 4])
+    chain = torch.tensor([[1, 2, 3, 4, -1], [1, 2, 3, 4, -1]])  # topk 1: node j -> j + 1
+    runtime.cut_chains(slots, chain)
+    assert chain.tolist() == [[1, -1, -1, -1, -1], [1, 2, 3, 4, -1]]
