@@ -18,6 +18,7 @@ TOUCH_POINTS = (
     "sgl_kernel_standins",
     "cpu_spec_attention",
     "internal_state",
+    "decode_log",
 )
 
 

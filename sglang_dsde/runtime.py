@@ -72,6 +72,7 @@ class DSDERuntime:
         self.num_rounds = 0
         self.num_skipped_signals = 0  # request-rounds whose signal was skipped
         self.last_cap = -1
+        self.last_batch_steps = self.initial_steps
         self.batch_steps_histogram: dict = {}
 
     # -- request lifetime -------------------------------------------------------------
@@ -204,6 +205,7 @@ class DSDERuntime:
         else:
             steps = self._read_pending(keep=self.lag_rounds)
         self.batch_steps_histogram[steps] = self.batch_steps_histogram.get(steps, 0) + 1
+        self.last_batch_steps = steps
         return steps
 
     def _read_pending(self, keep: int) -> int:
@@ -224,6 +226,7 @@ class DSDERuntime:
             "live_slots": int(self.slot_in_use.sum()),
             "rounds": self.num_rounds,
             "skipped_signals": self.num_skipped_signals,
+            "last_batch_steps": self.last_batch_steps,
             "last_cap": self.last_cap,
             "batch_steps_histogram": {str(k): v for k, v in
                                       sorted(self.batch_steps_histogram.items())},

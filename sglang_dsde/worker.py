@@ -188,6 +188,9 @@ def _define_worker_class() -> type:
 
             pool.free_rows = free_rows_and_forget
             self._wrap_draft_runner()
+            from sglang_dsde.patches import decode_log
+
+            decode_log.attach(runtime.stats)
 
         def _wrap_draft_runner(self) -> None:
             draft_worker = self._draft_worker
