@@ -132,6 +132,14 @@ def _define_worker_class() -> type:
             self.dsde: Optional[DSDERuntime] = None
             self._extend_output = None
             self._warned_skipped = False
+            self._metrics = None
+            if resolution_result(server_args, "enable_metrics"):
+                from sglang_dsde.metrics import DSDEMetrics
+
+                self._metrics = DSDEMetrics(
+                    {"model_name": str(resolution_result(server_args, "served_model_name")
+                                       or resolution_result(server_args, "model_path"))},
+                    cfg.max_steps)
 
         # -- start-up ---------------------------------------------------------------
 
@@ -225,6 +233,8 @@ def _define_worker_class() -> type:
                 self._schedule.planned_steps = steps
                 self.dsde.begin_round(slots, steps)
                 self._warn_skipped_once()
+                if self._metrics is not None:
+                    self._metrics.observe_round(steps, self.dsde.num_skipped_signals)
             self._extend_output = None
             result = super().forward_batch_generation(
                 batch, on_publish=on_publish, grammar_barrier=grammar_barrier,

@@ -51,7 +51,8 @@ def plain(tiny_models, server_logs):
 @pytest.fixture(scope="module")
 def dsde(tiny_models, server_logs):
     """DSDE with the target as its own draft: long accepted runs, so SLs move."""
-    with _dsde_server(tiny_models.target, tiny_models.target, server_logs) as server:
+    with _dsde_server(tiny_models.target, tiny_models.target, server_logs,
+                      extra=["--enable-metrics"]) as server:
         yield server
 
 
@@ -90,6 +91,17 @@ def test_step_count_and_per_request_lengths_adapt(dsde):
     state = _dsde_state(dsde)
     assert len(state["batch_steps_histogram"]) > 1, state
     assert state["policy"] == "dsde" and state["rounds"] > 0
+
+
+def test_prometheus_series(dsde):
+    import requests
+
+    dsde.generate(PROMPTS[0], max_new_tokens=16)
+    text = requests.get(f"{dsde.base_url}/metrics", timeout=30).text
+    rounds = [line for line in text.splitlines()
+              if line.startswith("sglang:dsde_rounds_total")]
+    assert rounds and float(rounds[0].split()[-1]) > 0, rounds
+    assert "sglang:dsde_batch_steps_bucket" in text
 
 
 def _nan_draft(tiny_models, tmp_path_factory):
