@@ -171,6 +171,8 @@ class DSDERuntime:
             req_temperature=temperature)
         req_steps = torch.where(usable, decision.req_steps, self.initial_steps)
         self.policy.req_steps[slots] = req_steps
+        #: ``[bs]`` mean KL of each request's drafted positions this round (NaN: skipped).
+        self.last_req_mean_kl = torch.where(usable, drafted_kl.mean(dim=1), float("nan"))
         self.num_rounds += 1
         self._push_decision(torch.stack([req_steps.max(), (~usable).sum(), decision.cap]))
         return req_steps

@@ -100,6 +100,21 @@ class _StepSchedule:
         return None  # the decision is taken on device in DSDEWorkerV2.verify
 
 
+class _HostValues:
+    """Per-request values, read on the host at first access: the scheduler indexes them
+    while processing the round's result, after its device-to-host fence, so the worker
+    never waits on the device. NaN (a skipped signal) reads as None (valid JSON)."""
+
+    def __init__(self, values: torch.Tensor):
+        self._device_values = values.detach().to("cpu", non_blocking=True)
+        self._host: Optional[list] = None
+
+    def __getitem__(self, index: int):
+        if self._host is None:
+            self._host = [None if v != v else v for v in self._device_values.tolist()]
+        return self._host[index]
+
+
 _WORKER_CLASS = None
 
 
@@ -260,6 +275,10 @@ def _define_worker_class() -> type:
             result.cap_lens = self.dsde.on_verify(
                 batch.req_pool_indices, self.speculative_num_steps,
                 result.logits_output.next_token_logits, result.accept_lens, temperature)
+            # Per-round values SGLang appends to each request's meta_info (customized_info).
+            result.logits_output.customized_info = {
+                "dsde_kl": _HostValues(self.dsde.last_req_mean_kl),
+                "dsde_sl": _HostValues(result.cap_lens)}
             return result
 
         def dsde_stats(self) -> dict:

@@ -86,6 +86,12 @@ def test_step_count_and_per_request_lengths_adapt(dsde):
     results = _generate_all(dsde, easy + hard, max_new_tokens=48)
     cap_lengths = {round(r["meta_info"]["spec_cap_length"], 3) for r in results}
     assert len(cap_lengths) > 1, cap_lengths
+    for r in results:  # per-round mean KL and next SL of each request, in meta_info
+        meta = r["meta_info"]
+        assert len(meta["dsde_kl"]) == len(meta["dsde_sl"]) == meta["spec_verify_ct"]
+        assert all(kl >= 0 for kl in meta["dsde_kl"])
+        assert sum(meta["dsde_sl"]) / len(meta["dsde_sl"]) == pytest.approx(
+            meta["spec_cap_length"])
     histograms = [r["meta_info"]["spec_cap_lens_histogram"] for r in results]
     assert all(sum(h) == r["meta_info"]["spec_verify_ct"] for h, r in zip(histograms, results))
     state = _dsde_state(dsde)
@@ -122,8 +128,10 @@ def test_nan_draft_logits_do_not_crash_or_change_output(plain, tiny_models, serv
     draft = _nan_draft(tiny_models, tmp_path_factory)
     want = [r["output_ids"] for r in _generate_all(plain, PROMPTS[:4])]
     with _dsde_server(tiny_models.target, draft, server_logs) as server:
-        got = [r["output_ids"] for r in _generate_all(server, PROMPTS[:4])]
+        results = _generate_all(server, PROMPTS[:4])
+        got = [r["output_ids"] for r in results]
         assert server.healthy()
+        assert all(kl is None for r in results for kl in r["meta_info"]["dsde_kl"])
         state = _dsde_state(server)
         log = server.log_path.read_text(errors="replace")
     assert got == want
