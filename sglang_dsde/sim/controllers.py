@@ -1,0 +1,134 @@
+"""Who picks the speculation length in a simulated round: a core policy, or hindsight.
+
+Contract (``Controller``), called by ``simulator.simulate`` once per round:
+
+* ``admit(slot)``: a new request took ``slot`` (a fresh policy state);
+* ``plan(batch) -> (req_drafted [bs] int, batch_steps int)``: ``batch`` lists the running
+  requests (``ActiveRequest``: slot, trace, position); the batch drafts ``batch_steps``
+  steps (0: a plain decode step) and request i is verified on ``req_drafted[i]`` draft
+  tokens (``batch_steps`` for all, or its own SL when the per-request cut is on);
+* ``observe(batch, req_drafted, req_accepted)``: after verification, before positions
+  advance (so the KL rows are those of the round's positions);
+* ``release(slots)``: the requests in ``slots`` finished.
+
+``PolicyController`` drives any policy of ``sglang_dsde.core`` (``make_policy``: the SAME
+objects the engine runs): ``steps_for`` gives each request's SL, the batch drafts their
+max, ``update`` receives drafted/accepted counts, the recorded KL rows (``req_kl``) and
+draft entropies (``req_draft_entropy``), temperature 0. ``HindsightGreedyController``
+knows the trace: each round it drafts the batch step count that maximises this round's
+tokens per unit of cost (achievable, myopic; not an upper bound: see ``oracle``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..config import DSDEConfig
+from ..core import make_policy
+from .cost import RoundCost
+from .trace import RequestTrace
+
+
+@dataclass
+class ActiveRequest:
+    """A running request: its slot, its trace, and ``pos`` output tokens already produced."""
+
+    slot: int
+    trace: RequestTrace
+    pos: int
+
+    @property
+    def remaining(self) -> int:
+        return self.trace.num_tokens - self.pos
+
+
+class Controller:
+    name = "controller"
+
+    def admit(self, slot: int) -> None:
+        pass
+
+    def plan(self, batch: Sequence[ActiveRequest]) -> Tuple[np.ndarray, int]:
+        raise NotImplementedError
+
+    def observe(self, batch: Sequence[ActiveRequest], req_drafted: np.ndarray,
+                req_accepted: np.ndarray) -> None:
+        pass
+
+    def release(self, slots: Sequence[int]) -> None:
+        pass
+
+
+class PolicyController(Controller):
+    """A core policy (``cfg.policy``) on ``max_slots`` CPU slots; the per-request cut
+    follows ``cfg.per_request_cut``. ``cfg.max_steps`` must not exceed the trace's."""
+
+    def __init__(self, cfg: DSDEConfig, *, max_slots: int, initial_steps: int,
+                 name: str = "", **policy_kwargs):
+        self.cfg = cfg
+        self.name = name or cfg.policy
+        self.policy = make_policy(cfg, max_slots=max_slots, device="cpu",
+                                  default_initial_steps=initial_steps, **policy_kwargs)
+        self.per_request_cut = bool(cfg.per_request_cut)
+
+    def _slots(self, batch) -> torch.Tensor:
+        return torch.tensor([r.slot for r in batch], dtype=torch.int64)
+
+    def admit(self, slot: int) -> None:
+        self.policy.reset_slots(torch.tensor([slot], dtype=torch.int64))
+
+    def plan(self, batch):
+        req_steps = self.policy.steps_for(self._slots(batch)).numpy().astype(np.int64)
+        batch_steps = int(req_steps.max()) if req_steps.size else 0
+        if self.per_request_cut:
+            return req_steps, batch_steps
+        return np.full(len(batch), batch_steps, dtype=np.int64), batch_steps
+
+    def observe(self, batch, req_drafted, req_accepted):
+        width = max(r.trace.max_steps for r in batch)
+        kl = np.zeros((len(batch), width), dtype=np.float32)
+        entropy = np.zeros_like(kl)
+        for i, r in enumerate(batch):
+            kl[i, :r.trace.max_steps] = r.trace.kl[r.pos]
+            if r.trace.draft_entropy is not None:
+                entropy[i, :r.trace.max_steps] = r.trace.draft_entropy[r.pos]
+        if self.policy.needs_draft_entropy and any(r.trace.draft_entropy is None for r in batch):
+            raise ValueError(f"policy {self.cfg.policy} needs draft entropies; the trace has none")
+        self.policy.update(self._slots(batch), torch.as_tensor(req_drafted),
+                           torch.as_tensor(req_accepted), req_kl=torch.from_numpy(kl),
+                           req_temperature=torch.zeros(len(batch)),
+                           req_draft_entropy=torch.from_numpy(entropy))
+
+    def release(self, slots):
+        self.policy.reset_slots(torch.tensor(list(slots), dtype=torch.int64))
+
+
+def round_gain(batch: Sequence[ActiveRequest], batch_steps: int) -> int:
+    """Tokens the batch produces in a round drafting ``batch_steps`` for every request."""
+    return sum(min(min(int(r.trace.accept[r.pos]), batch_steps) + 1, r.remaining)
+               for r in batch)
+
+
+class HindsightGreedyController(Controller):
+    """Each round: the batch step count in ``0..max_steps`` with the most tokens per unit
+    of round cost, knowing every request's acceptance at its position (ties: fewer)."""
+
+    name = "hindsight-greedy"
+
+    def __init__(self, cost: RoundCost, max_steps: int):
+        self.cost = cost
+        self.max_steps = int(max_steps)
+
+    def plan(self, batch):
+        bs = len(batch)
+        best_k, best_rate = 0, -1.0
+        for k in range(self.max_steps + 1):
+            rate = round_gain(batch, k) / self.cost.round(bs, k)
+            if rate > best_rate * (1 + 1e-12):
+                best_k, best_rate = k, rate
+        return np.full(bs, best_k, dtype=np.int64), best_k
+

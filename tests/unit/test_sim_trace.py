@@ -1,0 +1,68 @@
+"""The trace format: round trip, resumable writer, validation, agreement runs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sglang_dsde.sim.trace import (TraceFormatError, TraceWriter, check_request, make_header,
+                                   read_trace, run_violations, runs_to_accept,
+                                   synthetic_request, synthetic_trace, trace_summary)
+
+
+def header(**kw):
+    base = dict(max_steps=3, max_new_tokens=8, target="t", draft="d", workload="w", seed=0,
+                stop_at_eos=True)
+    base.update(kw)
+    return make_header(**base)
+
+
+def test_runs_to_accept_caps_at_max_steps_and_the_end():
+    agree = np.array([1, 1, 1, 1, 0, 1, 1], dtype=bool)
+    assert runs_to_accept(agree, 3).tolist() == [3, 3, 2, 1, 0, 2, 1]
+
+
+def test_round_trip_and_resume_after_an_interrupted_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    a = synthetic_request("a", [1, 0, 1, 1, 0], 3)
+    b = synthetic_request("b", [0, 1, 1, 1, 1, 1], 3)
+    writer = TraceWriter(path, header())
+    writer.append(a)
+    with open(path, "a") as f:          # a crash in the middle of the next line
+        f.write('{"id": "b", "accept": [0, 1')
+    resumed = TraceWriter(path, header())
+    assert resumed.done_ids == {"a"}
+    resumed.append(b)
+    trace = read_trace(path)
+    assert [r.id for r in trace.requests] == ["a", "b"]
+    np.testing.assert_array_equal(trace.requests[1].accept, b.accept)
+    np.testing.assert_allclose(trace.requests[0].kl, a.kl, rtol=1e-6)
+    assert trace.max_steps == 3 and trace.header["version"] == 1
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    path = tmp_path / "t.jsonl"
+    TraceWriter(path, header())
+    with pytest.raises(TraceFormatError, match="max_steps"):
+        TraceWriter(path, header(max_steps=4))
+
+
+def test_validation_rejects_out_of_range_accept_and_bad_versions(tmp_path):
+    req = synthetic_request("a", [1, 1, 1], 3)
+    req.accept[2] = 2                     # only one token left at t = 2
+    with pytest.raises(TraceFormatError, match=r"accept\[2\]"):
+        check_request(req, 3)
+    path = tmp_path / "v.jsonl"
+    path.write_text(json.dumps(dict(header(), version=99)) + "\n")
+    with pytest.raises(TraceFormatError, match="version 99"):
+        read_trace(path)
+
+
+def test_synthetic_traces_are_consistent_and_seeded():
+    one, two = synthetic_trace(3, 50, 4, 0.5, seed=7), synthetic_trace(3, 50, 4, 0.5, seed=7)
+    for r1, r2 in zip(one.requests, two.requests):
+        np.testing.assert_array_equal(r1.accept, r2.accept)
+        check_request(r1, 4)
+        assert run_violations(r1) == 0
+    summary = trace_summary(one)
+    assert summary["num_tokens"] == 150 and 0.3 < summary["agreement"] < 0.7
