@@ -149,7 +149,10 @@ def cpu_server_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["SGLANG_USE_CPU_ENGINE"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, min(os.cpu_count() or 1, 4))))
+    # One intra-op thread: on a small shared machine a second OpenMP thread that gets
+    # descheduled stalls every op (measured here under load: 13 tok/s with 1 thread,
+    # 1.4 tok/s with 2). Export OMP_NUM_THREADS to choose otherwise.
+    env.setdefault("OMP_NUM_THREADS", "1")
     if extra:
         env.update(extra)
     return env
