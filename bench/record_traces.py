@@ -2,7 +2,7 @@
 
     python bench/record_traces.py --workload chat --num-prompts 16 --max-new-tokens 64 \
         --max-steps 8 [--target DIR] [--draft DIR|cut:N|quant:BITS:GROUP] [--out FILE] \
-        [--seed 0] [--measure-cost FILE [--cost-draft SPEC]] [--tiny]
+        [--seed 0] [--measure-cost FILE [--cost-draft SPEC] [--cost-only]] [--tiny]
 
 ``--draft`` may be repeated: the target's continuation is generated once per prompt and
 each draft gets its own trace file (``--out`` then names a folder).
@@ -130,6 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--no-eos-stop", action="store_true", help="always generate N tokens")
     p.add_argument("--measure-cost", default=None, metavar="FILE")
     p.add_argument("--cost-draft", default=None)
+    p.add_argument("--cost-only", action="store_true", help="only --measure-cost")
     p.add_argument("--tiny", action="store_true")
     return p.parse_args(argv)
 
@@ -153,6 +154,9 @@ def main(argv=None) -> int:
     stop_ids = [] if args.no_eos_stop else [i for i in {tokenizer.eos_token_id} if i is not None]
     drafts = []  # (spec, model, name, writer)
     for spec in draft_specs:
+        if args.cost_only:
+            drafts.append((spec, *build_draft(spec, target), None))
+            continue
         model, name = build_draft(spec, target)
         stem = (f"{args.workload}-{target_name}-{name}-n{args.max_new_tokens}-k{args.max_steps}"
                 f"-p{args.num_prompts}-s{args.seed}.jsonl")
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
             kl="sglang_dsde.core.kl.kl_per_position, raw logits (T = 0)", dtype="float32",
             threads=args.threads, tool="bench/record_traces.py")
         drafts.append((spec, model, name, TraceWriter(out, header)))
-    todo = [p for p in prompts if any(p.id not in w.done_ids for *_, w in drafts)]
+    todo = [] if args.cost_only else [
+        p for p in prompts if any(p.id not in w.done_ids for *_, w in drafts)]
     print(f"record_traces: {len(prompts)} {args.workload} prompts ({len(prompts) - len(todo)} "
           f"done), target {target_name}, drafts {', '.join(d[2] for d in drafts)}", flush=True)
     agree = {name: 0 for _, _, name, _ in drafts}
@@ -188,6 +193,8 @@ def main(argv=None) -> int:
             agree[name] += int((req.accept > 0).sum())
         bar.set_postfix(tokens=total, **{f"agree_{k}": f"{v / max(total, 1):.2f}"
                                          for k, v in agree.items()})
+    if args.cost_only and not args.measure_cost:
+        sys.exit("record_traces: --cost-only needs --measure-cost FILE")
     if args.measure_cost:
         first_spec, first_model, first_name, _ = drafts[0]
         cost_spec = args.cost_draft or ("cut:2" if first_spec.startswith("quant:") else None)
@@ -202,7 +209,8 @@ def main(argv=None) -> int:
         Path(args.measure_cost).write_text(json.dumps(cost.to_json(), indent=1) + "\n")
         print(f"record_traces: CPU prior ({time.time() - t0:.0f} s) -> {args.measure_cost}")
     for *_, writer in drafts:
-        print(f"record_traces: wrote {writer.path}")
+        if writer is not None:
+            print(f"record_traces: wrote {writer.path}")
     return 0
 
 

@@ -35,3 +35,18 @@ def run_cell(requests: Sequence[RequestTrace], contenders: Sequence[Contender],
         rows.append(oracle_row(bound, requests, **cell))
     add_ratios(rows, cell_keys=tuple(k for k in cell if k != "unit"))
     return rows, results
+
+
+def static_accept_lengths(requests: Sequence[RequestTrace], *, max_steps: int,
+                          concurrency: int, cost: RoundCost) -> Dict[int, float]:
+    """``{k: simulated accept length of static SL k}`` for k in 1..max_steps: the figures
+    the engine's ``avg_spec_accept_length`` is validated against (issue 7: within 5%)."""
+    from .contenders import parse_contender
+
+    out = {}
+    for k in range(1, max_steps + 1):
+        rows, _ = run_cell(requests, [parse_contender(f"static:{k}")], cost,
+                           concurrency=concurrency, max_steps=max_steps, cell={},
+                           with_oracle=False)
+        out[k] = rows[0]["accept_length"]
+    return out

@@ -7,7 +7,9 @@ overheads stated as assumptions (docs/simulator.md discusses them)::
     forward(model, tokens, bs) = overhead + tp_sync
         + max(bytes / (mem_bw * bw_eff), flops / (peak_flops * flops_eff))
     bytes = weight_bytes / tp + kv_bytes_per_token * bs * context / tp
-    flops = (2 * params * tokens + 4 * layers * q_dim * context * tokens) / tp
+    flops = (2 * matmul_params * tokens + 4 * layers * q_dim * context * tokens) / tp
+    weight_bytes = 2 * matmul_params; matmul_params = params - untied input embedding
+    (an untied embedding table is only gathered, never streamed whole)
     tp_sync = 2 * layers * allreduce_s   (tp > 1: two all-reduces per layer)
 
     round(bs, k) = k * forward(draft, bs) + forward(target, bs * (k + 1))
@@ -25,20 +27,23 @@ Sources of the constants:
   2:4 sparsity), 3.35 TB/s HBM3 (same datasheet). Efficiencies (assumptions): 0.8 of HBM
   bandwidth for weight streaming at small batch, 0.6 of dense peak for the GEMMs of
   verify/prefill (about 600 TFLOP/s, typical of large BF16 GEMMs on H100).
-* Llama-3-8B: 8.03e9 parameters, 32 layers, 32 query heads x 128, 8 KV heads x 128
-  (Meta's config.json); Llama-3-70B: 70.6e9, 80 layers, 64 x 128 query, 8 KV heads x 128;
-  Llama-3.2-1B: 1.24e9, 16 layers, 32 x 64 query, 8 KV heads x 64. BF16: 2 bytes each.
+* Llama-3-8B: 8.03e9 parameters, 32 layers, 32 query heads x 128, 8 KV heads x 128,
+  vocabulary 128256 x 4096 untied (0.525e9 embedding parameters) (Meta's config.json);
+  Llama-3-70B: 70.6e9, 80 layers, 64 x 128 query, 8 KV heads x 128, untied 128256 x 8192
+  (1.05e9); Llama-3.2-1B: 1.24e9, 16 layers, 32 x 64 query, 8 KV heads x 64, tied
+  embeddings (the LM head streams the table). BF16: 2 bytes each.
 * Per-forward overhead (assumption): 0.25 ms for the target, 0.10 ms for the draft
   (CUDA-graph replay, sampling, scheduler bookkeeping of one engine step); all-reduce
   latency 12 us per call over NVLink for the small decode activations (assumption).
 * 70B target: tensor parallel 4 (141 GB of BF16 weights need >= 2 H100s; 4 leave KV room);
   the draft runs in the same TP group (SGLang's STANDALONE draft shares the target's TP).
 
-Resulting figures (context 1024; ``cost_table`` prints the grid): 8B decode 6.3 ms at
-batch 1, a 1B draft step 1.04 ms (0.165 decode steps), verifying 5 tokens instead of 1 is
-free at batch 1 (memory-bound), a k = 4 round costs 1.82 decode steps at batch 1 and 1.97
-at batch 64 (verification turns compute-bound there; k = 8: 3.56). 70B on TP 4: decode
-15.4 ms, a k = 4 round 1.23 decode steps at batch 1.
+Resulting figures (context 1024; ``cost_table`` prints the grid): 8B decode 5.9 ms at
+batch 1 and 9.1 ms at batch 64; a 1B draft step 1.04 ms (0.18 decode steps); verifying
+5 tokens instead of 1 is free at batch 1 (memory-bound); a round with k = 1 / 4 / 8 costs
+1.35 / 1.88 / 2.58 decode steps at batch 1 and 1.40 / 2.01 / 3.60 at batch 64 (verify
+turns compute-bound). 70B on TP 4: decode 15.2 ms, draft step 0.72 ms (0.047), k = 1 / 4 /
+8 rounds 1.09 / 1.24 / 1.43 decode steps at batch 1, 1.11 / 1.51 / 2.63 at batch 64.
 """
 
 from __future__ import annotations
@@ -65,12 +70,18 @@ class ModelSpec:
     q_dim: int               # query heads x head dim
     kv_dim: int              # KV heads x head dim
     overhead_s: float
+    #: Parameters of an untied input embedding (gathered, not streamed); 0 when tied.
+    embed_params: float = 0.0
     bytes_per_param: float = 2.0
     source: str = ""
 
     @property
+    def matmul_params(self) -> float:
+        return self.num_params - self.embed_params
+
+    @property
     def weight_bytes(self) -> float:
-        return self.num_params * self.bytes_per_param
+        return self.matmul_params * self.bytes_per_param
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -80,8 +91,10 @@ class ModelSpec:
 H100_SXM = GPUSpec("H100-SXM5-80GB", peak_flops=989e12, mem_bw=3.35e12,
                    source="NVIDIA H100 datasheet (SXM5): 989 TFLOP/s dense BF16, 3.35 TB/s")
 LLAMA3_8B = ModelSpec("Llama-3-8B", 8.03e9, 32, 32 * 128, 8 * 128, overhead_s=0.25e-3,
+                      embed_params=128256 * 4096,
                       source="meta-llama/Meta-Llama-3-8B config.json")
 LLAMA3_70B = ModelSpec("Llama-3-70B", 70.6e9, 80, 64 * 128, 8 * 128, overhead_s=0.25e-3,
+                       embed_params=128256 * 8192,
                        source="meta-llama/Meta-Llama-3-70B config.json")
 LLAMA32_1B = ModelSpec("Llama-3.2-1B", 1.24e9, 16, 32 * 64, 8 * 64, overhead_s=0.10e-3,
                        source="meta-llama/Llama-3.2-1B config.json")
@@ -92,7 +105,7 @@ def forward_seconds(gpu: GPUSpec, model: ModelSpec, num_tokens: int, batch_size:
     """Roofline time of one forward of ``num_tokens`` tokens for ``batch_size`` requests
     of ``context`` cached tokens each (module docstring)."""
     bytes_moved = (model.weight_bytes + model.kv_bytes_per_token * batch_size * context) / tp
-    flops = (2 * model.num_params * num_tokens
+    flops = (2 * model.matmul_params * num_tokens
              + 4 * model.num_layers * model.q_dim * context * num_tokens) / tp
     body = max(bytes_moved / (gpu.mem_bw * gpu.bw_eff), flops / (gpu.peak_flops * gpu.flops_eff))
     sync = 2 * model.num_layers * gpu.allreduce_s if tp > 1 else 0.0

@@ -192,12 +192,15 @@ def read_trace(path, *, check: bool = True) -> Trace:
     except StopIteration:
         raise TraceFormatError(f"{path}: empty trace") from None
     header = _check_header(json.loads(first), str(path))
-    requests = []
+    requests, seen = [], set()
     for lineno, text in lines:
         try:
             req = RequestTrace.from_json(json.loads(text))
         except (json.JSONDecodeError, TraceFormatError) as exc:
             raise TraceFormatError(f"{path}:{lineno}: {exc}") from None
+        if req.id in seen:
+            raise TraceFormatError(f"{path}:{lineno}: request {req.id!r} appears twice")
+        seen.add(req.id)
         if check:
             try:
                 check_request(req, int(header["max_steps"]))

@@ -47,6 +47,15 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
         TraceWriter(path, header(max_steps=4))
 
 
+def test_a_request_recorded_twice_is_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    writer = TraceWriter(path, header())
+    writer.append(synthetic_request("a", [1, 0, 1], 3))
+    writer.append(synthetic_request("a", [1, 0, 1], 3))
+    with pytest.raises(TraceFormatError, match="twice"):
+        read_trace(path)
+
+
 def test_validation_rejects_out_of_range_accept_and_bad_versions(tmp_path):
     req = synthetic_request("a", [1, 1, 1], 3)
     req.accept[2] = 2                     # only one token left at t = 2
