@@ -46,15 +46,8 @@ def plain(tiny_models, server_logs):
 
 @pytest.fixture(scope="module")
 def spec_self(tiny_models, server_logs):
-    """STANDALONE with the target as its own draft: drafts are often accepted."""
+    """STANDALONE with the target as its own draft."""
     with _server(tiny_models, server_logs, tiny_models.target) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def spec_other(tiny_models, server_logs):
-    """STANDALONE with an unrelated 1-layer draft: drafts are mostly rejected."""
-    with _server(tiny_models, server_logs, tiny_models.draft) as server:
         yield server
 
 
@@ -66,15 +59,16 @@ def _outputs(server, prompts, *, concurrent: bool, max_new_tokens=32):
         return list(pool.map(call, prompts))
 
 
-@pytest.mark.parametrize("which", ["spec_self", "spec_other"])
-def test_greedy_outputs_equal_plain_token_for_token(request, plain, which):
-    spec = request.getfixturevalue(which)
+def test_greedy_outputs_equal_plain_token_for_token(plain, spec_self):
+    """Random weights make the self-draft miss often (the draft sees the sequence without
+    its first token: SGLang's shifted draft inputs), so accepted and rejected drafts are
+    both exercised."""
     for concurrent in (False, True):
         prompts = PROMPTS[:3] if not concurrent else PROMPTS
         want = [r["output_ids"] for r in _outputs(plain, prompts, concurrent=concurrent)]
-        got = [r["output_ids"] for r in _outputs(spec, prompts, concurrent=concurrent)]
+        got = [r["output_ids"] for r in _outputs(spec_self, prompts, concurrent=concurrent)]
         for prompt, w, g in zip(prompts, want, got):
-            assert g == w, f"{which} concurrent={concurrent} prompt={prompt!r}"
+            assert g == w, f"concurrent={concurrent} prompt={prompt!r}"
 
 
 def test_accept_length_above_one_with_draft_equal_to_target(spec_self):
@@ -134,3 +128,17 @@ def test_aborted_request(plain, spec_self):
         assert server.healthy()
     assert (spec_self.generate(PROMPTS[4])["output_ids"]
             == plain.generate(PROMPTS[4])["output_ids"])
+
+
+def test_tree_drafts_topk2_equal_plain(tiny_models, server_logs, plain):
+    """EAGLE's draft tree (topk 2) through the same CPU path: tree mask, tree build, verify."""
+    with running_server(tiny_models.target, draft_model_path=tiny_models.target,
+                        algorithm="STANDALONE", num_steps=3, max_total_tokens=MAX_TOTAL_TOKENS,
+                        log_dir=server_logs,
+                        extra_args=["--speculative-eagle-topk", "2",
+                                    "--speculative-num-draft-tokens", "6"]) as tree:
+        got = [r["output_ids"] for r in _outputs(tree, PROMPTS, concurrent=True)]
+        accept = tree.accept_length()
+    want = [r["output_ids"] for r in _outputs(plain, PROMPTS, concurrent=True)]
+    assert got == want
+    assert accept is not None and accept > 1
