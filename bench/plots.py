@@ -33,20 +33,27 @@ def _label(key: tuple) -> str:
 def plot_ratio_bars(rows: Sequence[dict], path, *, value: str = "vs_static_opt",
                     contenders: Sequence[str], cell_keys=("trace", "cost", "concurrency"),
                     title: str = "throughput / best static SL") -> Path:
-    """Grouped bars: one group per cell, one bar per contender; a line at 1."""
-    cells = _cells(rows, cell_keys)
+    """Grouped bars, one panel per value of the first cell key (e.g. per trace): one
+    group per remaining cell, one bar per contender; a line at 1."""
+    panels: Dict[object, Dict[tuple, List[dict]]] = {}
+    for key, members in _cells(rows, cell_keys).items():
+        panels.setdefault(key[0], {})[key[1:]] = members
     width = 0.8 / max(1, len(contenders))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cells)), 4))
-    x = np.arange(len(cells))
-    for i, name in enumerate(contenders):
-        ys = [next((r[value] for r in members if r["contender"] == name), np.nan) or np.nan
-              for members in cells.values()]
-        ax.bar(x + (i - (len(contenders) - 1) / 2) * width, ys, width, label=name)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(x, [_label(k) for k in cells], fontsize=7)
-    ax.set_ylabel(value)
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=min(4, len(contenders)))
+    most = max(len(c) for c in panels.values())
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.3 * most), 3.2 * len(panels)),
+                             squeeze=False)
+    for ax, (panel, cells) in zip(axes[:, 0], panels.items()):
+        x = np.arange(len(cells))
+        for i, name in enumerate(contenders):
+            ys = [next((r[value] for r in members if r["contender"] == name), None)
+                  for members in cells.values()]
+            ax.bar(x + (i - (len(contenders) - 1) / 2) * width,
+                   [np.nan if y is None else y for y in ys], width, label=name)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(x, [_label(k) for k in cells], fontsize=7)
+        ax.set_ylabel(value, fontsize=8)
+        ax.set_title(f"{title}: {panel}", fontsize=9)
+        ax.legend(fontsize=6, ncol=min(6, len(contenders)), loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -58,8 +65,12 @@ def plot_latency(rows: Sequence[dict], path, *, contenders: Sequence[str],
     """Mean (bar) and p99 (marker) request latency per contender, one panel per cell,
     normalised by no speculation's mean latency in the cell."""
     cells = _cells(rows, cell_keys)
-    fig, axes = plt.subplots(1, len(cells), figsize=(3.2 * len(cells), 3.6), squeeze=False)
-    for ax, (key, members) in zip(axes[0], cells.items()):
+    ncols = min(4, len(cells))
+    nrows = -(-len(cells) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False)
+    for ax in axes.flat[len(cells):]:
+        ax.axis("off")
+    for ax, (key, members) in zip(axes.flat, cells.items()):
         by = {r["contender"]: r for r in members}
         base = by.get("static:0", {}).get("latency_mean") or 1.0
         names = [c for c in contenders if c in by and by[c].get("latency_mean") is not None]

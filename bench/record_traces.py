@@ -131,6 +131,7 @@ def parse_args(argv=None):
     p.add_argument("--measure-cost", default=None, metavar="FILE")
     p.add_argument("--cost-draft", default=None)
     p.add_argument("--cost-only", action="store_true", help="only --measure-cost")
+    p.add_argument("--cost-repeats", type=int, default=3, help="timed repeats (median)")
     p.add_argument("--tiny", action="store_true")
     return p.parse_args(argv)
 
@@ -204,7 +205,8 @@ def main(argv=None) -> int:
         cost = measure_cpu_prior(
             target, cost_draft, name="cpu-prior",
             source=f"HF forwards, float32, {args.threads} threads: target {target_name}, "
-                   f"draft {cost_name}", progress=lambda msg: print("  cost:", msg, flush=True))
+                   f"draft {cost_name}; median of {args.cost_repeats}",
+            repeats=args.cost_repeats, progress=lambda msg: print("  cost:", msg, flush=True))
         Path(args.measure_cost).parent.mkdir(parents=True, exist_ok=True)
         Path(args.measure_cost).write_text(json.dumps(cost.to_json(), indent=1) + "\n")
         print(f"record_traces: CPU prior ({time.time() - t0:.0f} s) -> {args.measure_cost}")

@@ -124,7 +124,9 @@ def main(argv=None) -> int:
         notes.append(f"trace {name}: {summ['num_requests']} requests, {summ['num_tokens']} "
                      f"tokens, agreement {summ['agreement']:.3f}, mean accept run "
                      f"{summ['mean_accept']:.2f}, max_steps {trace.max_steps}, target "
-                     f"{trace.header.get('target')}, draft {trace.header.get('draft')}")
+                     f"{trace.header.get('target')}, draft {trace.header.get('draft')}, "
+                     f"verify_disagree {summ['verify_disagree']}, run_violations "
+                     f"{summ['run_violations']}")
         contenders = static_contenders(trace.max_steps) + extra
         for cost_name, cost in build_costs(cost_specs, trace):
             for conc in args.concurrency:
@@ -164,7 +166,10 @@ def main(argv=None) -> int:
         plot_latency(rows, out / "latency.png",
                      contenders=["static:0"] + [r for r in dict.fromkeys(
                          r["static_opt"] for r in rows)] + labels)
-        key = next((k for k in step_logs if "C=8" in k), next(iter(step_logs)))
+        # The batched cell where speculation pays most (largest static-opt speedup).
+        best_cell = max((r for r in rows if r["contender"] == r["static_opt"]),
+                        key=lambda r: (r["concurrency"] > 1, r["speedup"]))
+        key = f"{best_cell['trace']} {best_cell['cost']} C={best_cell['concurrency']}"
         plot_steps_over_time(step_logs[key], out / "sl_over_time.png", title=key)
     print(f"simulate: wrote {md}, {out / 'summary.md'}" + (" and plots" if args.plots else ""))
     print("\n".join(summary_lines(rows, labels)))

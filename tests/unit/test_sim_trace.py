@@ -75,3 +75,24 @@ def test_synthetic_traces_are_consistent_and_seeded():
         assert run_violations(r1) == 0
     summary = trace_summary(one)
     assert summary["num_tokens"] == 150 and 0.3 < summary["agreement"] < 0.7
+
+
+def test_committed_sample_traces_are_consistent_greedy_traces():
+    """The committed samples of the real pair (SmolLM2-135M target, 4- and 3-bit copies)
+    read back, obey the agreement-run invariant exactly, and their KL separates agreeing
+    from disagreeing first draft positions."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "bench" / "results" / "traces" / "sample"
+    paths = sorted(root.glob("*.jsonl"))
+    assert len(paths) == 2
+    for path in paths:
+        trace = read_trace(path)
+        assert trace.header["target"] == "SmolLM2-135M-Instruct" and trace.max_steps == 8
+        assert len(trace.requests) == 4
+        for req in trace.requests:
+            assert run_violations(req) == 0 and req.verify_disagree == 0
+            assert len(req.output_ids) == req.num_tokens and req.prompt_len == len(req.prompt_ids)
+        accept = np.concatenate([r.accept for r in trace.requests])
+        kl_first = np.concatenate([r.kl[:, 0] for r in trace.requests])
+        assert kl_first[accept > 0].mean() < kl_first[accept == 0].mean()
