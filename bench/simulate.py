@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from sglang_dsde.sim import (GPU_PRESETS, ISSUE8_CPU, ISSUE8_GPU_LIKE, gpu_preset,  # noqa: E402
                              load_cost, parse_contenders, read_trace, run_cell, synthetic_trace)
 from sglang_dsde.sim.contenders import static_contenders  # noqa: E402
-from sglang_dsde.sim.report import markdown_table, write_tables  # noqa: E402
+from sglang_dsde.sim.report import write_tables  # noqa: E402
 from sglang_dsde.sim.trace import trace_summary  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -107,12 +107,13 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     out = Path(args.out)
-    paths = [Path(p) for p in (args.traces or sorted(glob.glob(str(RESULTS / "traces" / "*.jsonl"))))]
+    paths = [Path(p) for p in
+             (args.traces or sorted(glob.glob(str(RESULTS / "traces" / "*.jsonl"))))]
     traces = [(trace_name(p, t.header), t) for p in paths for t in [read_trace(p)]]
     if args.synthetic or not traces:
         traces.append(("synthetic", synthetic_trace(16, 64, 8, 0.6, seed=args.seed)))
-    cost_specs = args.cost or ([f"cpu:{f}" for f in sorted(glob.glob(str(out / "cpu_prior_*.json")))]
-                               + list(GPU_PRESETS))
+    priors = sorted(glob.glob(str(out / "cpu_prior_*.json")))
+    cost_specs = args.cost or ([f"cpu:{f}" for f in priors] + list(GPU_PRESETS))
     extra = parse_contenders(args.contenders)
     rows, step_logs, notes = [], {}, []
     t0 = time.time()
