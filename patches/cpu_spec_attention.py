@@ -245,6 +245,9 @@ def _backend_classes():
             per_row = [s for s in seq_lens for _ in range(topk)]
             for step, backend in enumerate(self.attn_backends):
                 backend.init_forward_metadata(forward_batch)
+                if backend.use_sliding_window_kv_pool:
+                    raise NotImplementedError(
+                        "sglang-dsde CPU speculative attention: sliding-window KV pools")
                 backend.draft_decode_view = _SpecView(
                     table, rows, [s + step + 1 for s in per_row], [1] * len(rows))
 

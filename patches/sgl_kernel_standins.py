@@ -61,8 +61,9 @@ HOOKED_SYMBOLS = (
     "sglang.srt.utils.common.is_cpu",
 )
 
-#: Modules whose ``if _is_cpu: from sgl_kernel import ...`` blocks must be fully covered
-#: by :data:`STANDIN_NAMES` (checked by the integration test against installed SGLang).
+#: Modules whose ``from sgl_kernel import ...`` statements (module-level ``if _is_cpu:``
+#: blocks and function bodies) must be fully covered by :data:`STANDIN_NAMES` (checked by
+#: tests/integration/test_sgl_kernel_coverage.py against the installed SGLang).
 IMPORTING_MODULES = (
     "sglang.srt.mem_cache.allocation",
     "sglang.kernels.ops.kvcache.cache_move",
@@ -70,6 +71,7 @@ IMPORTING_MODULES = (
     "sglang.kernels.ops.speculative.cache_locs",
     "sglang.kernels.ops.speculative.spec_tree",
     "sglang.kernels.ops.speculative.multi_layer_eagle",
+    "sglang.srt.layers.attention.intel_amx_backend",
 )
 
 _ENV = "SGLANG_USE_CPU_ENGINE"
