@@ -1,0 +1,108 @@
+"""Diagnostic: how much SGLang 0.5.23's shifted STANDALONE draft inputs cost acceptance.
+
+``python -m sglang_dsde.standalone_shift [--model T] [--prompts N] [--steps K]``
+
+SGLang's STANDALONE worker reuses EAGLE's draft inputs: the prefill draft-extend feeds
+``input_ids[1:] + [next_token]`` at positions ``0..L-1`` (``speculative/eagle_worker_v2.py``,
+``_draft_extend_for_prefill``) and the decode draft-extend feeds the target's predictions
+(token ``p + 1`` at position ``p``, ``speculative/eagle_worker_common.py``,
+``prepare_for_draft_extend``). A plain LM draft therefore sees the sequence *without its
+first token*, at positions shifted down by one (RoPE is relative, so the shift itself is
+harmless; losing token 0 - the chat template's ``<|im_start|>``, an attention sink - is
+not). With the radix cache on, the draft's KV at the last cached slot also holds the
+previous request's next token (the slot pairs with token ``p + 1``, the prefix match only
+covers ``<= p``).
+
+This script replays greedy STANDALONE rounds (topk 1, ``--steps`` drafts) with HF
+transformers, draft == target, once with the draft seeing ``sequence[1:]`` (what SGLang
+does) and once with the full sequence. Measured on SmolLM2-135M-Instruct, float32, the 20
+chat prompts of ``tests/e2e/test_standalone_smollm2.py``, 32 new tokens, 4 steps:
+
+- replay, draft sees the full sequence:    accept length 5.00, first draft missed 0/140 rounds
+- replay, draft sees ``sequence[1:]``:      accept length 4.27, first draft missed 14/155
+- SGLang server, ``--disable-radix-cache``: accept length 4.18, first draft missed 14/136
+- SGLang server, radix cache on (default):  accept length 3.66, first draft missed 29/154
+
+(accept length = tokens per verify round incl. the bonus token, at most steps + 1.) Output
+tokens are identical in all cases: the target verifies every token, so this costs speed,
+never correctness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+CHAT_QUESTIONS = [
+    "What is the capital of France?", "Write a haiku about the sea.",
+    "Explain what a CPU does in one sentence.", "List three fruits.", "What is 12 times 7?",
+    "Write a Python function that reverses a string.", "Who wrote Romeo and Juliet?",
+    "Give me a tip for learning to cook.", "What is photosynthesis?",
+    "Translate 'good morning' into French.", "Why is the sky blue?", "Name a famous painting.",
+    "What does HTTP stand for?", "Describe a cat in two sentences.",
+    "How many days are in a leap year?", "What is the boiling point of water?",
+    "Suggest a name for a pet goldfish.", "What is gravity?",
+    "Write a short greeting for a birthday card.", "What is the largest planet?",
+]
+
+
+def replay(model, prompt_ids, *, steps: int, max_new_tokens: int, shifted: bool):
+    """Accept lengths of greedy STANDALONE rounds with draft == ``model``."""
+    import torch
+
+    @torch.no_grad()
+    def argmax_last(ids, k=1):
+        return model(torch.tensor([ids])).logits[0, -k:].argmax(-1).tolist()
+
+    committed = list(prompt_ids)
+    bonus = argmax_last(committed)[0]
+    generated, rounds = 1, []
+    while generated < max_new_tokens:
+        drafts = []
+        for _ in range(steps):
+            ctx = committed + [bonus] + drafts
+            drafts.append(argmax_last(ctx[1:] if shifted else ctx)[0])
+        preds = argmax_last(committed + [bonus] + drafts, k=steps + 1)
+        accept = 1
+        while accept <= steps and drafts[accept - 1] == preds[accept - 1]:
+            accept += 1
+        rounds.append(accept)
+        committed += [bonus] + drafts[:accept - 1]
+        bonus = preds[accept - 1]
+        generated += accept
+    return rounds
+
+
+def main(argv=None) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ap = argparse.ArgumentParser(prog="python -m sglang_dsde.standalone_shift")
+    ap.add_argument("--model", default=None, help="HF folder (default: the prepared target)")
+    ap.add_argument("--prompts", type=int, default=len(CHAT_QUESTIONS))
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    args = ap.parse_args(argv)
+    if args.model is None:
+        from sglang_dsde.models import ensure_target
+
+        args.model = ensure_target()
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    for shifted in (False, True):
+        rounds = []
+        for q in CHAT_QUESTIONS[:args.prompts]:
+            enc = tok.apply_chat_template([{"role": "user", "content": q}],
+                                          add_generation_prompt=True, tokenize=True)
+            ids = list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+            rounds += replay(model, ids, steps=args.steps, max_new_tokens=args.max_new_tokens,
+                             shifted=shifted)
+        label = "draft sees sequence[1:] (SGLang)" if shifted else "draft sees the full sequence"
+        print(f"{label:34s} accept length {sum(rounds) / len(rounds):.2f} over {len(rounds)} "
+              f"rounds; first draft missed in {rounds.count(1)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
