@@ -10,8 +10,8 @@ SGLang's STANDALONE worker reuses EAGLE's draft inputs: the prefill draft-extend
 first token*, at positions shifted down by one (RoPE is relative, so the shift itself is
 harmless; losing token 0 - the chat template's ``<|im_start|>``, an attention sink - is
 not). With the radix cache on, the draft's KV at the last cached slot also holds the
-previous request's next token (the slot pairs with token ``p + 1``, the prefix match only
-covers ``<= p``).
+previous request's next token (our reading: the slot pairs with token ``p + 1`` while the
+prefix match only covers tokens ``<= p``; the radix on/off rows below show the effect).
 
 This script replays greedy STANDALONE rounds (topk 1, ``--steps`` drafts) with HF
 transformers, draft == target, once with the draft seeing ``sequence[1:]`` (what SGLang
