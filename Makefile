@@ -8,6 +8,7 @@ ENV_STAMP := $(VENV)/.env-stamp
 PYTEST_ARGS ?=
 
 .PHONY: env test test-unit test-integration test-e2e demo lock clean-env
+.PHONY: bench bench-quick sim
 
 env: $(ENV_STAMP)
 
@@ -38,6 +39,18 @@ test-e2e: env
 
 demo: env
 	$(PY) -m sglang_dsde.demo
+
+# Real-engine comparison (issue 7; bench/compare.py): every contender on a fresh CPU
+# server through sglang.bench_serving. bench-quick: mix, C 1/4, T 0 (~10 min on 2 cores).
+# Extra flags through ARGS, e.g. ARGS="--validate-trace TRACE".
+bench: env
+	$(PY) bench/compare.py $(ARGS)
+
+bench-quick: env
+	$(PY) bench/compare.py --quick $(ARGS)
+
+sim: env
+	$(PY) bench/simulate.py
 
 # Re-pin after editing requirements/cpu.in (run in a scratch venv made from cpu.in).
 lock: env
