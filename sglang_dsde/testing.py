@@ -33,6 +33,18 @@ _CORPUS = (
     "Hello, how are you today? I am fine, thank you. What is your name? "
 )
 
+#: Prompts for the tiny models' lossless tests (their tokenizer is trained on _CORPUS).
+TINY_PROMPTS = [
+    "Hello, how are",
+    "The capital of France",
+    "def add(a, b):",
+    "Once upon a time there was",
+    "one, two, three,",
+    "Speculative decoding drafts",
+    "The quick brown fox",
+    "What is your name?",
+]
+
 #: A minimal chat template (ChatML-like) so /v1/chat/completions works.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -18,19 +18,10 @@ import time
 import pytest
 import torch
 
+from sglang_dsde.testing import TINY_PROMPTS as PROMPTS
 from sglang_dsde.testing import make_tiny_llama, running_server
 
 MAX_TOTAL_TOKENS = 4096
-PROMPTS = [
-    "Hello, how are",
-    "The capital of France",
-    "def add(a, b):",
-    "Once upon a time there was",
-    "one, two, three,",
-    "Speculative decoding drafts",
-    "The quick brown fox",
-    "What is your name?",
-]
 # A short window so requests finish warm-up within a few rounds and the policy acts.
 DSDE_ARGS = ["--dsde-window", "4", "--dsde-max-steps", "6", "--dsde-min-steps", "1"]
 

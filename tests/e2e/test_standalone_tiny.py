@@ -12,19 +12,10 @@ import concurrent.futures as cf
 
 import pytest
 
+from sglang_dsde.testing import TINY_PROMPTS as PROMPTS
 from sglang_dsde.testing import ServerError, running_server
 
 MAX_TOTAL_TOKENS = 1024
-PROMPTS = [
-    "Hello, how are",
-    "The capital of France",
-    "def add(a, b):",
-    "Once upon a time there was",
-    "one, two, three,",
-    "Speculative decoding drafts",
-    "The quick brown fox",
-    "What is your name?",
-]
 
 
 def _server(models, logs, draft):
