@@ -77,7 +77,7 @@ def contenders_for(static_steps: Sequence[int], dsde_max_steps: int = DSDE_MAX_S
                       dsde + ("--dsde-policy", "sglang_adaptive")),
             Contender("dsde", "DSDE", dsde_max_steps, dsde + ("--dsde-policy", "dsde")),
             Contender("dsde+cut", "DSDE", dsde_max_steps,
-                      dsde + ("--dsde-policy", "dsde", "--dsde-per-request-cut", "true"))]
+                      dsde + ("--dsde-policy", "dsde", "--dsde-per-request-cut"))]
     return out
 
 
@@ -403,13 +403,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prompt_ids[w] = [p.id for p in prompts]
     contenders = [c for c in contenders_for(args.static_steps, args.dsde_max_steps)
                   if not args.contenders or c.name in args.contenders]
-    rows, samples, sl_logs, states = [], [], {}, {}
+    rows, samples, sl_logs, states, failed = [], [], {}, {}, []
     t_start = time.monotonic()
     for i, c in enumerate(contenders, 1):
         print(f"[{i}/{len(contenders)}] {c.name} ({time.monotonic() - t_start:.0f}s elapsed)",
               flush=True)
-        r, s, extra = run_contender(c, pair=pair, datasets=datasets, args=args, work=work,
-                                    prompts=first_prompts)
+        try:
+            r, s, extra = run_contender(c, pair=pair, datasets=datasets, args=args,
+                                        work=work, prompts=first_prompts)
+        except Exception as e:  # noqa: BLE001 - one broken contender must not lose the rest
+            print(f"  {c.name} FAILED: {str(e)[-1500:]}", flush=True)
+            failed.append(c.name)
+            continue
         rows += r
         samples += s
         if extra.get("sl"):
@@ -428,7 +433,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              f"DSDE contenders: --speculative-num-steps {args.dsde_max_steps} "
              f"--dsde-max-steps {args.dsde_max_steps}",
              f"wall time {time.monotonic() - t_start:.0f}s on a shared 2-core machine"]
-    meta = {"args": {k: v for k, v in vars(args).items()}, "target": str(pair.target),
+    if failed:
+        notes.append(f"FAILED contenders (see the log): {', '.join(failed)}")
+    meta = {"args": {k: v for k, v in vars(args).items()}, "failed": failed,
+            "target": str(pair.target),
             "draft": str(pair.draft), "draft_kind": pair.draft_kind, "dsde_states": states,
             "sl_logs": sl_logs}
     if samples:
@@ -464,7 +472,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    title="per-request SL (meta_info dsde_sl), greedy")
     print((out_dir / f"{args.stem}.md").read_text())
     print(f"done in {time.monotonic() - t_start:.0f}s; outputs in {out_dir}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
