@@ -13,7 +13,7 @@ Stages (``--stages``, default all; each resumes where it stopped):
            each student of the preset (layers initialised from target layers), AdamW with
            warm-up + cosine decay, resumable checkpoint, held-out agreement along the way;
 ``export`` the trained layers of the chosen student (bf16 safetensors + manifest +
-           SHA256SUMS) to ``--export`` (``--install``: ``sglang_dsde/draft/weights``).
+           draft.sha256) to ``--export`` (``--install``: ``sglang_dsde/draft/weights``).
 """
 
 from __future__ import annotations
@@ -33,18 +33,19 @@ from pathlib import Path
 from . import RECIPE_VERSION, WEIGHTS_DIR, default_cache, log
 
 PRESETS = {
-    # 2 CPU cores (bf16): generation ~2-3 h, training ~1 h per 400 steps
+    # 2 shared CPU cores (bf16): generation ~2.3 h (6144 prompts, ~1.2M answer tokens),
+    # training ~3.5 h (1000 steps of 8192 tokens), see docs/draft.md
     "cpu": dict(students="k6-first", device="cpu", gen_batch=64, max_new=256,
-                tokens_per_batch=8192, steps=1600, lr=1e-3, eval_every=200, eval_prompts=64,
-                max_train_prompts=0, threads=2),
-    # one GPU: minutes
+                tokens_per_batch=8192, steps=1000, lr=1e-3, eval_every=100, eval_prompts=64,
+                max_train_prompts=6144, loss_vocab=8192, threads=2),
+    # one GPU: the same recipe on every training prompt, minutes
     "gpu": dict(students="k6-first", device="cuda", gen_batch=512, max_new=256,
-                tokens_per_batch=32768, steps=1600, lr=1e-3, eval_every=200, eval_prompts=128,
-                max_train_prompts=0, threads=0),
+                tokens_per_batch=32768, steps=1000, lr=1e-3, eval_every=100, eval_prompts=64,
+                max_train_prompts=0, loss_vocab=0, threads=0),
     # plumbing check only (a few minutes on CPU, useless draft)
     "smoke": dict(students="k2-first", device="cpu", gen_batch=8, max_new=16,
                   tokens_per_batch=1024, steps=4, lr=1e-3, eval_every=2, eval_prompts=4,
-                  max_train_prompts=16, threads=2),
+                  max_train_prompts=16, loss_vocab=0, threads=2),
 }
 
 
@@ -144,7 +145,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--tokens-per-batch", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=None)
+    ap.add_argument("--loss-vocab", type=int, default=None,
+                    help="KL over the N most frequent tokens (+ batch + random); 0: full")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run", default="main", help="name of the training checkpoint in WORKDIR")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="end this session at this step (resume later with the same --run)")
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
     ap.add_argument("--max-train-prompts", type=int, default=None, help="0: all")
     ap.add_argument("--train-prompts", type=int, default=0,
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     p = dict(PRESETS[a.preset])
     for k in ("students", "steps", "device", "max_train_prompts", "lr", "tokens_per_batch",
-              "eval_every", "threads"):
+              "eval_every", "threads", "loss_vocab"):
         v = getattr(a, k, None)
         if v is not None:
             p[k] = v
@@ -212,7 +218,7 @@ def main(argv=None) -> int:
     log(f"build: {len(train_gens)} answers ({n_ans} tokens) for training")
     tcfg = TrainConfig(students=p["students"].split(","), lr=p["lr"], seed=a.seed,
                        steps=int(p["steps"]), tokens_per_batch=int(p["tokens_per_batch"]),
-                       eval_every=int(p["eval_every"]),
+                       eval_every=int(p["eval_every"]), loss_vocab=int(p.get("loss_vocab", 0)),
                        warmup=min(50, max(1, int(p["steps"] or 500) // 10)))
     shared = frozen_shared(target)
     students = {n: make_student(target, init_layers(n, cfg.num_hidden_layers), shared=shared)
@@ -221,8 +227,11 @@ def main(argv=None) -> int:
     del target
     eval_fn = make_eval_fn(prompts, gens, 128)
     deadline = time.time() + a.time_budget if not tcfg.steps and a.time_budget else None
-    out = train(students, examples, tcfg, workdir / f"train-{a.seed}.pt", pad_id=pad,
-                deadline=deadline, bf16=True, eval_fn=eval_fn)
+    out = train(students, examples, tcfg, workdir / f"train-{a.run}.pt", pad_id=pad,
+                deadline=deadline, bf16=True, eval_fn=eval_fn, stop_after=a.stop_after)
+    if not out["finished"]:
+        log(f"build: stopped at step {out['steps']}; rerun the same command to resume")
+        return 0
     evals = out["history"][-1]["eval"]
     best = select(evals, a.goal, a.max_layers)
     meta = {

@@ -185,7 +185,7 @@ def hidden_to_numpy(h) -> np.ndarray:
 def hidden_from_numpy(a):
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(a)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a, dtype=np.int16)).view(torch.bfloat16)
 
 
 def run_generation(model, prompts: PromptSet, indices: Sequence[int], out_dir, tag: str, *,

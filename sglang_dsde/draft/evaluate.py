@@ -138,12 +138,17 @@ def evaluate_pair(target, draft, prompts, *, max_new_tokens: int = 128, batch_si
     from .data import generate_batch
 
     if answers is None:
+        from .fastattn import use_grouped_attention
+
+        impl = target.config._attn_implementation
+        use_grouped_attention(target)  # same function, faster batched decoding on CPU
         answers = []
         for i in range(0, len(prompts), batch_size):
             chunk = [p for _, p in prompts[i:i + batch_size]]
             answers += generate_batch(target, chunk, max_new_tokens=max_new_tokens,
                                       eos_ids=eos_ids, pad_id=pad_id)
             log(f"eval: target answers {min(len(prompts), i + batch_size)}/{len(prompts)}")
+        target.set_attn_implementation(impl)
     matches = [teacher_forced_matches(draft, p, a) for (_, p), a in zip(prompts, answers)]
     self_m = [teacher_forced_matches(target, p, a) for (_, p), a in zip(prompts, answers)]
     res = summarise(matches, [k for k, _ in prompts])

@@ -26,6 +26,8 @@ from . import (DRAFT_NAME, TARGET_GGUF_MEMBER, TARGET_NAME, TARGET_WHEEL,
                WEIGHTS_DIR, default_cache, log)
 
 _STAMP = "dsde_stamp.json"
+#: ``sha256sum`` format, one line per weights file (``sha256sum -c draft.sha256`` checks it).
+CHECKSUM_FILE = "draft.sha256"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "generation_config.json")
 
@@ -41,15 +43,15 @@ def sha256_file(path) -> str:
 def write_checksums(folder, names) -> Path:
     folder = Path(folder)
     lines = [f"{sha256_file(folder / n)}  {n}\n" for n in sorted(names)]
-    (folder / "SHA256SUMS").write_text("".join(lines))
-    return folder / "SHA256SUMS"
+    (folder / CHECKSUM_FILE).write_text("".join(lines))
+    return folder / CHECKSUM_FILE
 
 
 def verify_checksums(folder) -> dict:
-    """``{name: sha256}`` of ``folder/SHA256SUMS``; raises if a file does not match."""
+    """``{name: sha256}`` of ``folder/draft.sha256``; raises if a file does not match."""
     folder = Path(folder)
     sums = {}
-    for line in (folder / "SHA256SUMS").read_text().splitlines():
+    for line in (folder / CHECKSUM_FILE).read_text().splitlines():
         if not line.strip():
             continue
         digest, name = line.split(None, 1)

@@ -210,6 +210,10 @@ class TrainConfig:
     eval_every: int = 0             # steps between held-out evaluations (0: only at the end)
     calib_steps: int = 10           # time-budget mode: steps timed before fixing `steps`
     chunk_rows: int = 2048          # rows of the [rows, vocab] loss computed at once
+    loss_vocab: int = 0             # >0: KL over this many most frequent tokens of the data,
+                                    # the batch's next tokens and `loss_vocab_random` random
+                                    # others drawn per step (0: the full vocabulary)
+    loss_vocab_random: int = 4096
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -250,6 +254,15 @@ def kl_and_grad(h_s, h_t, w, n_total: int, chunk_rows: int = 2048):
     return kl_sum / n_total, grad, agree
 
 
+def frequent_tokens(examples: Sequence[Example], n: int, vocab: int) -> np.ndarray:
+    """The ``n`` most frequent token ids of the examples (ties: smaller id first)."""
+    counts = np.zeros(vocab, dtype=np.int64)
+    for e in examples:
+        counts += np.bincount(e.ids, minlength=vocab)[:vocab]
+    order = np.lexsort((np.arange(vocab), -counts))
+    return np.sort(order[:n])
+
+
 def _autocast(device_type: str, enabled: bool):
     import contextlib
 
@@ -287,6 +300,9 @@ def train(students: dict, examples: Sequence[Example], cfg: TrainConfig, ckpt_pa
             kw["fused"] = True
         opts[name] = torch.optim.AdamW(trainable_params(st), **kw)
 
+    frequent = None
+    if cfg.loss_vocab and cfg.loss_vocab < w_head.shape[0]:
+        frequent = torch.from_numpy(frequent_tokens(examples, cfg.loss_vocab, w_head.shape[0]))
     lengths = [len(e.ids) for e in examples]
     batches = plan_train_batches(lengths, cfg.tokens_per_batch)
     n_tok_epoch = sum(len(e.ids) - 1 - e.loss_start for e in examples)
@@ -331,6 +347,8 @@ def train(students: dict, examples: Sequence[Example], cfg: TrainConfig, ckpt_pa
     acc = {n: [0.0, 0, 0] for n in students}  # kl sum, agree, rows
     last_eval_step = step
     finished = True
+    if step == 0 and cfg.eval_every:
+        run_eval()
     while total is None or step < total:
         if stop_after is not None and step >= stop_after:
             finished = False
@@ -353,6 +371,13 @@ def train(students: dict, examples: Sequence[Example], cfg: TrainConfig, ckpt_pa
         ids, sel, h_t = collate([examples[i] for i in batches[bi]], pad_id)
         ids, sel, h_t = ids.to(dev), sel.to(dev), h_t.to(dev)
         n_rows = int(sel.sum())
+        w_step = w_head
+        if frequent is not None:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            rnd = torch.randint(0, w_head.shape[0], (cfg.loss_vocab_random,), generator=g)
+            vocab_ids = torch.unique(torch.cat([frequent, rnd, ids[:, 1:][sel[:, :-1]].cpu()]))
+            vocab_ids = vocab_ids.to(dev)
+            w_step = w_head[vocab_ids]
         lr = lr_at(step, cfg, total if total is not None else 10 ** 9)
         for name, st in students.items():
             opt = opts[name]
@@ -360,7 +385,7 @@ def train(students: dict, examples: Sequence[Example], cfg: TrainConfig, ckpt_pa
                 g["lr"] = lr
             with _autocast(dev.type, bf16):
                 h_s = st.model(input_ids=ids).last_hidden_state[sel]
-            kl, grad_h, agree = kl_and_grad(h_s.detach(), h_t, w_head, n_rows, cfg.chunk_rows)
+            kl, grad_h, agree = kl_and_grad(h_s.detach(), h_t, w_step, n_rows, cfg.chunk_rows)
             opt.zero_grad(set_to_none=True)
             h_s.backward(grad_h.to(h_s.dtype))
             torch.nn.utils.clip_grad_norm_(trainable_params(st), cfg.grad_clip)
@@ -402,7 +427,7 @@ def train(students: dict, examples: Sequence[Example], cfg: TrainConfig, ckpt_pa
 
 def export_student(student, out_dir, *, layers_per_file: int = 2, meta: dict | None = None) -> list[Path]:
     """The draft's own weights (bf16 safetensors, ``layers_per_file`` layers per file;
-    the final norm goes with the last file) + ``manifest.json`` + ``SHA256SUMS``."""
+    the final norm goes with the last file) + ``manifest.json`` + ``draft.sha256``."""
     import torch
     from safetensors.torch import save_file
 

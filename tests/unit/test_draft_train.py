@@ -155,3 +155,27 @@ def test_export_and_assemble_draft(teacher_path, tmp_path):
         f.write(b"\x00\x01\x02")
     with pytest.raises(ValueError, match="checksum"):
         prepare.assemble_draft(teacher_path, tmp_path / "w", tmp_path / "draft2")
+
+
+def _full_kl(st, ex):
+    ids, sel, h_t = train.collate(ex, pad_id=0)
+    with torch.no_grad():
+        h_s = st.model(input_ids=ids).last_hidden_state[sel]
+    kl, _, _ = train.kl_and_grad(h_s, h_t.float(), st.lm_head.weight, int(sel.sum()))
+    return kl
+
+
+def test_subset_vocabulary_loss_also_lowers_the_full_kl(teacher_path):
+    t = _teacher(teacher_path)
+    ex = _examples(t)
+    freq = train.frequent_tokens(ex, 20, 300)
+    assert len(freq) == 20 and len(set(freq.tolist())) == 20
+    counts = np.bincount(np.concatenate([e.ids for e in ex]), minlength=300)
+    assert counts[freq].min() >= np.delete(counts, freq).max()
+    cfg = train.TrainConfig(students=["k1-first"], lr=3e-3, warmup=2, steps=12,
+                            tokens_per_batch=96, log_every=4, seed=1, loss_vocab=40,
+                            loss_vocab_random=20)
+    st = {"k1-first": train.make_student(t, [0], shared=train.frozen_shared(t))}
+    before = _full_kl(st["k1-first"], ex)
+    train.train(st, ex, cfg, None, pad_id=0, bf16=False)
+    assert _full_kl(st["k1-first"], ex) < before
