@@ -244,7 +244,11 @@ def _define_worker_class() -> type:
             is_decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch)
             slots = batch.req_pool_indices
             if is_decode and not batch.forward_mode.is_idle():
-                steps = self.dsde.next_batch_steps(slots)
+                # Only pre-built states can run: a policy allowed down to 0 steps drafts 1
+                # until the no-drafting state exists (issue 8).
+                candidates = self._schedule.candidate_steps
+                steps = min(max(self.dsde.next_batch_steps(slots), candidates[0]),
+                            candidates[-1])
                 self._schedule.planned_steps = steps
                 self.dsde.begin_round(slots, steps)
                 self._warn_skipped_once()
