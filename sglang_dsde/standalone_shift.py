@@ -33,17 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-CHAT_QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about the sea.",
-    "Explain what a CPU does in one sentence.", "List three fruits.", "What is 12 times 7?",
-    "Write a Python function that reverses a string.", "Who wrote Romeo and Juliet?",
-    "Give me a tip for learning to cook.", "What is photosynthesis?",
-    "Translate 'good morning' into French.", "Why is the sky blue?", "Name a famous painting.",
-    "What does HTTP stand for?", "Describe a cat in two sentences.",
-    "How many days are in a leap year?", "What is the boiling point of water?",
-    "Suggest a name for a pet goldfish.", "What is gravity?",
-    "Write a short greeting for a birthday card.", "What is the largest planet?",
-]
+from sglang_dsde.testing import CHAT_QUESTIONS
 
 
 def replay(model, prompt_ids, *, steps: int, max_new_tokens: int, shifted: bool):
