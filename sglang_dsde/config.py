@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 #: Policies the core implements (``sglang_dsde.core.policies``); "dsde" is the paper's.
-POLICY_CHOICES = ("dsde", "static", "sglang_adaptive", "adaedl")
+POLICY_CHOICES = ("dsde", "static", "sglang_adaptive", "adaedl", "goodput")
 
 #: Largest speculation length any runtime state may use (one pre-built state per value).
 MAX_STEPS_LIMIT = 32
@@ -76,9 +76,26 @@ class DSDEConfig:
     adaedl_ema: float = _knob(0.2, "adaedl policy: EMA weight of the per-request threshold "
                               "calibration (observed acceptance - bound).", lo=0.0, hi=1.0)
 
+    # Knobs of the cost-aware policy (policy "goodput"); ignored by the other policies.
+    goodput_kl_weight: float = _knob(0.5, "goodput policy: weight of the KL-calibrated "
+                                     "acceptance estimate against the observed acceptance "
+                                     "rate.", lo=0.0, hi=1.0)
+    goodput_stability_weight: float = _knob(0.5, "goodput policy: confidence discount "
+                                            "p ** (1 + w * max(0, WVIR - 1)).", lo=0.0,
+                                            hi=10.0)
+    goodput_probe_every: int = _knob(32, "goodput policy: every this many rounds the batch "
+                                     "drafts one step more than its estimate, half a period "
+                                     "later one less (exploration; 0: never).", lo=0,
+                                     hi=100000)
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_value(self, f, getattr(self, f.name))
+        if self.per_request_cut and self.policy == "goodput":
+            raise DSDEConfigError(
+                f"{knob_flag('per_request_cut')} (DSDE knob 'per_request_cut') = true: not "
+                f"with --dsde-policy goodput, which drafts one step count for the whole "
+                f"batch (a cut could only lose tokens the round already paid for)")
 
     def replace(self, **changes: Any) -> "DSDEConfig":
         """A validated copy with ``changes`` applied."""

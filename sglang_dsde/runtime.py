@@ -40,7 +40,7 @@ from typing import Deque, Optional, Tuple
 import torch
 
 from sglang_dsde.config import DSDEConfig
-from sglang_dsde.core import kl_per_position, make_policy
+from sglang_dsde.core import entropy_of_logits, kl_per_position, make_policy
 
 
 class DSDERuntime:
@@ -74,6 +74,8 @@ class DSDERuntime:
         self.last_cap = -1
         self.last_batch_steps = self.initial_steps
         self.batch_steps_histogram: dict = {}
+        #: ``(batch size, steps, host clock)`` of the decode round in flight (timing).
+        self._round_clock: Optional[Tuple[int, int, float]] = None
 
     # -- request lifetime -------------------------------------------------------------
 
@@ -195,20 +197,45 @@ class DSDERuntime:
     def next_batch_steps(self, slots: torch.Tensor) -> int:
         """The step count for a batch about to draft (the round's one host read).
 
-        Without lag: the largest current SL over the batch (new requests count with the
-        initial SL). With ``lag_rounds`` = 1: the previous round's decision.
+        Without lag: the policy's batch decision (``batch_steps_for``: by default the
+        largest current SL over the batch; new requests count with the initial SL). With
+        ``lag_rounds`` = 1: the previous round's decision. A policy that reads the first
+        draft's entropy gets it here, from the distributions kept by slot.
         """
+        slots = slots.to(self.device, torch.int64)
+        entropy = None
+        if self.policy.needs_first_entropy and slots.shape[0]:
+            entropy = entropy_of_logits(self.slot_first_draft[slots])
         if self.lag_rounds == 0:
             self._read_pending(keep=0)
-            steps = (int(self.policy.steps_for(slots.to(self.device, torch.int64)).max())
+            steps = (int(self.policy.batch_steps_for(slots, entropy))
                      if slots.shape[0] else self.initial_steps)
-        elif len(self._pending) <= self.lag_rounds:
-            steps = self.initial_steps
         else:
-            steps = self._read_pending(keep=self.lag_rounds)
+            if entropy is not None:  # stored for the calibration; the result is not read
+                self.policy.batch_steps_for(slots, entropy)
+            if len(self._pending) <= self.lag_rounds:
+                steps = self.initial_steps
+            else:
+                steps = self._read_pending(keep=self.lag_rounds)
         self.batch_steps_histogram[steps] = self.batch_steps_histogram.get(steps, 0) + 1
         self.last_batch_steps = steps
         return steps
+
+    # -- round timing (host clock) ------------------------------------------------------
+
+    def on_decode_round_start(self, batch_size: int, steps: int, now: float) -> None:
+        """A decode round starts at host time ``now`` (seconds). The time since the
+        previous decode round started, when nothing else ran in between, is that round's
+        cost; the policy learns its round-cost model from it (``observe_round``)."""
+        previous = self._round_clock
+        if previous is not None:
+            self.policy.observe_round(previous[0], previous[1], now - previous[2])
+        self._round_clock = (int(batch_size), int(steps), float(now))
+
+    def on_other_work(self) -> None:
+        """Something other than a decode round ran (a prefill, an idle period): the gap
+        to the next decode round is not a round's cost."""
+        self._round_clock = None
 
     def _read_pending(self, keep: int) -> int:
         """Read decisions older than the newest ``keep``; return the last one's steps."""

@@ -20,6 +20,7 @@ subclasses it and adds, without copying any of its code:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, List, Optional
 
 import torch
@@ -250,10 +251,14 @@ def _define_worker_class() -> type:
                 steps = min(max(self.dsde.next_batch_steps(slots), candidates[0]),
                             candidates[-1])
                 self._schedule.planned_steps = steps
+                # Round timing for the cost-aware policy: start to start of decode rounds.
+                self.dsde.on_decode_round_start(int(slots.shape[0]), steps, time.perf_counter())
                 self.dsde.begin_round(slots, steps)
                 self._warn_skipped_once()
                 if self._metrics is not None:
                     self._metrics.observe_round(steps, self.dsde.num_skipped_signals)
+            else:
+                self.dsde.on_other_work()
             self._extend_output = None
             result = super().forward_batch_generation(
                 batch, on_publish=on_publish, grammar_barrier=grammar_barrier,

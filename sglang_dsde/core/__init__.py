@@ -9,7 +9,8 @@ Public interface (what the SGLang worker, the simulator and the replay call):
   ``reset_slots(slots)`` (``policies.base`` states the contract).
 """
 
-from .kl import kl_per_position
+from .kl import entropy_of_logits, kl_per_position
 from .policies import POLICIES, PolicyDecision, SpecPolicy, make_policy
 
-__all__ = ["POLICIES", "PolicyDecision", "SpecPolicy", "kl_per_position", "make_policy"]
+__all__ = ["POLICIES", "PolicyDecision", "SpecPolicy", "entropy_of_logits", "kl_per_position",
+           "make_policy"]

@@ -110,6 +110,27 @@ def kl_per_position(target_logits: torch.Tensor, draft_logits: torch.Tensor,
     return kl, entropy
 
 
+def entropy_of_logits(logits: torch.Tensor, *, chunk_cols: Optional[int] = None
+                      ) -> torch.Tensor:
+    """``[rows]`` float32 entropy (nats) of ``softmax(logits)`` for ``[rows, V]`` raw logits.
+
+    The goodput policy reads it for each request's first draft distribution before the
+    round (the same value ``kl_per_position(..., with_draft_entropy=True)`` gives at
+    position 0 of a greedy row). Non-finite logits give NaN ("unknown").
+    """
+    rows, vocab = logits.shape
+    ones = torch.ones(rows, 1, device=logits.device)
+    cols = chunk_cols or default_chunk_cols(rows, vocab, logits.device)
+    lse = _log_sum_exp(logits, ones, cols)
+    entropy = torch.zeros(rows, device=logits.device, dtype=torch.float32)
+    for start in range(0, vocab, cols):
+        log_q = logits[:, start:min(vocab, start + cols)].float().sub_(lse)
+        q = log_q.exp()
+        entropy -= torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(dim=1)
+    finite = torch.isfinite(logits).all(dim=1)
+    return torch.where(finite, entropy.clamp_min(0.0), float("nan"))
+
+
 def _log_sum_exp(logits: torch.Tensor, row_scale: torch.Tensor, cols: int) -> torch.Tensor:
     """``[rows, 1]`` log-sum-exp of ``logits * row_scale``, streamed over column chunks.
 

@@ -40,11 +40,12 @@ def weighted_variance(values: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 
 def wvir(values: torch.Tensor, age: torch.Tensor, count: torch.Tensor,
-         weight_by_age: torch.Tensor) -> torch.Tensor:
+         weight_by_age: torch.Tensor, *, flat_value: float = WVIR_FLAT) -> torch.Tensor:
     """``[bs]`` WVIR of ring buffers ``values [bs, W]`` whose columns have ``age``.
 
     ``count [bs]`` is the number of values held (columns with ``age < count`` are valid);
-    ``weight_by_age`` is ``decay_weights(...)``.
+    ``weight_by_age`` is ``decay_weights(...)``; ``flat_value`` is the ratio of a flat
+    history (the paper's 20; the goodput policy reads a flat history as stable, 1).
     """
     weights = weight_by_age[age]
     short_len = torch.clamp_min(count // 3, 1).unsqueeze(1)
@@ -53,5 +54,5 @@ def wvir(values: torch.Tensor, age: torch.Tensor, count: torch.Tensor,
     both = weighted_variance(values.unsqueeze(1).expand(-1, 2, -1),
                              torch.stack((short_weights, long_weights), dim=1))
     var_short, var_long = both[:, 0], both[:, 1]
-    ratio = torch.where(var_long < WVAR_FLOOR, WVIR_FLAT, var_short / var_long)
+    ratio = torch.where(var_long < WVAR_FLOOR, flat_value, var_short / var_long)
     return torch.where(count < 2, 0.0, ratio)

@@ -8,6 +8,7 @@ knobs are given)::
     dsde+cut                  the same with the per-request cut on
     sglang_adaptive           SGLang's in-tree rule (min_steps 0: its tiers unclamped)
     adaedl                    the draft-entropy baseline
+    goodput                   the cost-aware policy (min_steps 0: it may stop drafting)
     NAME:knob=value,...       any policy of the core registry with DSDEConfig knobs
     hindsight-greedy          the myopic hindsight schedule (needs the cost model)
 
@@ -35,6 +36,7 @@ NAMED = {
     "dsde+cut": ("dsde", {"per_request_cut": True}),
     "sglang_adaptive": ("sglang_adaptive", {"min_steps": 0}),
     "adaedl": ("adaedl", {}),
+    "goodput": ("goodput", {"min_steps": 0}),
 }
 
 

@@ -9,11 +9,12 @@ Contract (``Controller``), called by ``simulator.simulate`` once per round:
   tokens (``batch_steps`` for all, or its own SL when the per-request cut is on);
 * ``observe(batch, req_drafted, req_accepted)``: after verification, before positions
   advance (so the KL rows are those of the round's positions);
+* ``observe_cost(bs, batch_steps, cost)``: the round's cost (what the engine would time);
 * ``release(slots)``: the requests in ``slots`` finished.
 
 ``PolicyController`` drives any policy of ``sglang_dsde.core`` (``make_policy``: the SAME
-objects the engine runs): ``steps_for`` gives each request's SL, the batch drafts their
-max, ``update`` receives drafted/accepted counts, the recorded KL rows (``req_kl``) and
+objects the engine runs): ``steps_for`` gives each request's SL, ``batch_steps_for`` the
+batch's step count (their max, or the policy's own batch decision), ``update`` receives drafted/accepted counts, the recorded KL rows (``req_kl``) and
 draft entropies (``req_draft_entropy``), temperature 0. ``HindsightGreedyController``
 knows the trace: each round it drafts the batch step count that maximises this round's
 tokens per unit of cost (achievable, myopic; not an upper bound: see ``oracle``).
@@ -59,6 +60,9 @@ class Controller:
                 req_accepted: np.ndarray) -> None:
         pass
 
+    def observe_cost(self, batch_size: int, batch_steps: int, cost: float) -> None:
+        """The round just simulated cost ``cost`` (the engine's measured round time)."""
+
     def release(self, slots: Sequence[int]) -> None:
         pass
 
@@ -82,8 +86,14 @@ class PolicyController(Controller):
         self.policy.reset_slots(torch.tensor([slot], dtype=torch.int64))
 
     def plan(self, batch):
-        req_steps = self.policy.steps_for(self._slots(batch)).numpy().astype(np.int64)
-        batch_steps = int(req_steps.max()) if req_steps.size else 0
+        slots = self._slots(batch)
+        req_steps = self.policy.steps_for(slots).numpy().astype(np.int64)
+        first_entropy = None
+        if self.policy.needs_first_entropy and all(r.trace.draft_entropy is not None
+                                                   for r in batch):
+            first_entropy = torch.tensor([float(r.trace.draft_entropy[r.pos][0])
+                                          for r in batch], dtype=torch.float64)
+        batch_steps = int(self.policy.batch_steps_for(slots, first_entropy))
         if self.per_request_cut:
             return req_steps, batch_steps
         return np.full(len(batch), batch_steps, dtype=np.int64), batch_steps
@@ -102,6 +112,9 @@ class PolicyController(Controller):
                            torch.as_tensor(req_accepted), req_kl=torch.from_numpy(kl),
                            req_temperature=torch.zeros(len(batch)),
                            req_draft_entropy=torch.from_numpy(entropy))
+
+    def observe_cost(self, batch_size, batch_steps, cost):
+        self.policy.observe_round(batch_size, batch_steps, cost)
 
     def release(self, slots):
         self.policy.reset_slots(torch.tensor(list(slots), dtype=torch.int64))

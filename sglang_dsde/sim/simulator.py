@@ -12,7 +12,8 @@
   the bonus token; a request stops at its recorded length). ``batch_steps = 0`` is a
   plain decode step: every request advances one token. The controller observes
   ``(req_drafted, a)`` and the KL rows at the round's positions. The round costs
-  ``cost.round(bs, batch_steps)``.
+  ``cost.round(bs, batch_steps)``, which the controller observes too (the engine times
+  its rounds).
 * The clock is the sum of prefill and round costs (one engine, no overlap). A request's
   latency is finish - join; TTFT is its prefill end - join; TPOT is (finish - prefill end)
   / (n - 1).
@@ -120,7 +121,9 @@ def simulate(requests: Sequence[RequestTrace], controller: Controller, cost: Rou
         req_accepted = np.minimum(accept_here, req_drafted)
         controller.observe(active, req_drafted, req_accepted)
         log_start.append(clock)
-        clock += cost.round(len(active), batch_steps)
+        round_cost = cost.round(len(active), batch_steps)
+        controller.observe_cost(len(active), batch_steps, round_cost)
+        clock += round_cost
         log_bs.append(len(active))
         log_steps_arr.append(batch_steps)
         if log_steps:

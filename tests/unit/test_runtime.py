@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sglang_dsde.config import DSDEConfig
@@ -122,3 +124,23 @@ def test_per_request_cut_stops_each_chain_after_its_own_length():
     chain = torch.tensor([[1, 2, 3, 4, -1], [1, 2, 3, 4, -1]])  # topk 1: node j -> j + 1
     runtime.cut_chains(slots, chain)
     assert chain.tolist() == [[1, -1, -1, -1, -1], [1, 2, 3, 4, -1]]
+
+
+def test_goodput_runtime_reads_first_draft_entropy_and_learns_round_times():
+    runtime = make_runtime(policy="goodput", min_steps=0)
+    gen = torch.Generator().manual_seed(3)
+    slots = torch.tensor([1, 4])
+    play_round(runtime, [1, 4], 2, gen)                 # fills each slot's first draft
+    runtime.record_first_draft(slots, torch.stack([torch.full((VOCAB,), 0.0),
+                                                   torch.nn.functional.one_hot(
+                                                       torch.tensor(3), VOCAB) * 50.0]))
+    runtime.next_batch_steps(slots)
+    entropy = runtime.policy.first_entropy[slots]
+    assert abs(float(entropy[0]) - math.log(VOCAB)) < 1e-4 and float(entropy[1]) < 1e-3
+    pol = runtime.policy
+    for t, (bs, steps) in enumerate([(2, 2), (2, 3), (2, 2)]):
+        runtime.on_decode_round_start(bs, steps, 10.0 + 0.5 * t)
+    assert float(pol.round_cost.num_samples) == 2       # two completed rounds timed
+    runtime.on_other_work()                             # a prefill ran: no sample
+    runtime.on_decode_round_start(2, 2, 100.0)
+    assert float(pol.round_cost.num_samples) == 2

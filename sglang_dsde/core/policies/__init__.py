@@ -14,9 +14,10 @@ from .adaedl import AdaEDLPolicy
 from .base import PolicyDecision, SpecPolicy
 from .baselines import SGLangAdaptivePolicy, StaticPolicy
 from .dsde import DSDEPolicy
+from .goodput import GoodputPolicy
 
 POLICIES = {cls.name: cls for cls in (DSDEPolicy, StaticPolicy, SGLangAdaptivePolicy,
-                                      AdaEDLPolicy)}
+                                      AdaEDLPolicy, GoodputPolicy)}
 assert tuple(sorted(POLICIES)) == tuple(sorted(POLICY_CHOICES)), "keep POLICY_CHOICES in sync"
 
 

@@ -5,7 +5,9 @@ Per-request state lives in device tensors indexed by *slot* (an int in ``[0, max
 SGLang's ``req_pool_indices``). A round goes::
 
     req_steps = policy.steps_for(slots)            # [bs] SL of each request this round
-    ... draft max(req_steps) steps, verify ...
+    steps = policy.batch_steps_for(slots)          # the batch's step count (default: max)
+    ... draft ``steps`` steps, verify ...
+    policy.observe_round(bs, steps, seconds)       # the round's measured time (host)
     decision = policy.update(slots, req_num_drafted, req_num_accepted,
                              req_kl=kl, req_temperature=temps)
     ... when requests finish or abort:
@@ -59,6 +61,8 @@ class SpecPolicy:
     needs_kl = False
     #: Whether ``update`` reads ``req_draft_entropy``.
     needs_draft_entropy = False
+    #: Whether ``batch_steps_for`` reads ``req_first_entropy``.
+    needs_first_entropy = False
 
     def __init__(self, cfg: DSDEConfig, *, max_slots: int, device, initial_steps: int):
         if max_slots < 1:
@@ -77,6 +81,24 @@ class SpecPolicy:
     def steps_for(self, slots: torch.Tensor) -> torch.Tensor:
         """``[bs]`` int64: the SL of each request of this batch for the coming round."""
         return self.req_steps[slots]
+
+    def batch_steps_for(self, slots: torch.Tensor,
+                        req_first_entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """0-dim int64: the step count a batch of ``slots`` drafts in the coming round.
+
+        ``req_first_entropy`` ``[bs]``: the entropy (nats) of each request's first draft
+        distribution for this round (known before drafting), when ``needs_first_entropy``.
+        Default: the largest SL of the batch (0 for an empty batch). The engine reads it
+        once per round; the simulator calls it too.
+        """
+        req_steps = self.steps_for(self._ints(slots))
+        if req_steps.numel() == 0:
+            return torch.zeros((), dtype=torch.int64, device=self.device)
+        return req_steps.max()
+
+    def observe_round(self, batch_size: int, batch_steps: int, seconds: float) -> None:
+        """A measured round (host numbers): ``batch_size`` requests drafted
+        ``batch_steps`` and the round took ``seconds``. Default: ignored."""
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         """Forget the requests in ``slots`` (finished or aborted); batched."""

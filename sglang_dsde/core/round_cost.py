@@ -1,0 +1,140 @@
+"""The round-cost model the goodput policy learns online from the engine's own timings.
+
+A decode round of ``bs`` requests drafting ``k`` tokens each (``k = 0``: a plain decode
+step, no draft call) costs, in the engine's clock::
+
+    cost(bs, k) = k * (d0 + d1 * bs)          # draft decode steps
+                + v0 + v1 * bs * (k + 1)      # the target's verify of bs * (k + 1) tokens
+                + [k > 0] * (e0 + e1 * bs)    # fixed cost of a speculative round
+
+(``round_feature_list`` gives the six features; the simulator's ``LinearRoundCost`` uses
+the same ones, so the model it learns can match the one it is simulated with.)
+
+``OnlineRoundCost`` fits the six non-negative coefficients by exponentially forgotten
+least squares on *relative* errors (each timing t weighs ``1 / t^2``, so a round of 1
+request counts as much as a round of 64), regularised toward a *prior shape* scaled to
+the data: before any timing it predicts the prior (relative units, a target decode step
+~ 1); after timings it predicts seconds. The prior acts as pseudo-observations at fixed
+design points, so the system is always well posed (directions the policy never explores
+stay at the prior's shape times the learned scale) and does not wind up under
+forgetting. Each ``observe`` is a rank-one update plus one batched solve on the device
+(the exact non-negative solution over all 64 sets of free coefficients; ``solve_ex``: no
+error check, so no host synchronisation). The argmax of tokens per unit of cost does not
+depend on the unit, so only the shape must be right early on.
+
+A timing more than ``OUTLIER_FACTOR`` x the prediction, once ``MIN_SAMPLES`` timings were
+seen, is dropped: the gap between two decode rounds then held something else (a prefill,
+an idle period) and is not a round's cost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Coefficient names, in feature order.
+ROUND_COEFS = ("d0", "d1", "v0", "v1", "e0", "e1")
+#: Prior shape in units of one target decode step at batch 1 (v0 + v1 ~ 1): a draft step
+#: ~ 1/8 of it, verify per extra token ~ 5% (between a memory-bound GPU, ~1%, and this
+#: CPU, ~20%), and a small fixed speculation overhead (the draft extend).
+PRIOR_SHAPE = (0.12, 0.004, 0.95, 0.05, 0.08, 0.004)
+#: Total weight of the prior, in rounds (the data's weight tends to 1 / (1 - memory)).
+PRIOR_ROUNDS = 1.0
+#: Forgetting factor per observed round.
+MEMORY = 0.995
+OUTLIER_FACTOR = 4.0
+MIN_SAMPLES = 8
+#: Design points of the prior pseudo-observations: batch sizes x step counts (full rank).
+_PRIOR_BS = (1.0, 4.0, 16.0)
+_PRIOR_STEPS = (0.0, 1.0, 3.0, 8.0)
+
+
+def round_feature_list(batch_size, batch_steps) -> list:
+    """The six features of ``cost(bs, k)`` (module docstring), element-wise.
+
+    Works on numbers, numpy arrays and torch tensors alike (operators only); the caller
+    stacks them with its own library.
+    """
+    bs, k = batch_size, batch_steps
+    spec = (k > 0) * 1.0
+    return [k * 1.0, k * bs, k * 0.0 + 1.0, bs * (k + 1), spec, spec * bs]
+
+
+class OnlineRoundCost:
+    """Online fit of ``cost(bs, k)`` (module docstring); all state on ``device``."""
+
+    def __init__(self, device, *, prior_shape=PRIOR_SHAPE, prior_rounds: float = PRIOR_ROUNDS,
+                 memory: float = MEMORY):
+        dev = self.device = torch.device(device)
+        self.memory = float(memory)
+        f64 = dict(dtype=torch.float64, device=dev)
+        self.prior = torch.tensor(prior_shape, **f64)
+        design = torch.tensor([[b, k] for b in _PRIOR_BS for k in _PRIOR_STEPS], **f64)
+        x0 = self._features(design[:, 0], design[:, 1])
+        # Relative pseudo-observations x0 . coefs = scale * c0: rows x0 / c0, target 1
+        # (at scale s the rows are x0 / (s * c0): normal matrix / s^2, right side / s).
+        rows = x0 / (x0 @ self.prior).unsqueeze(1)
+        weight = prior_rounds / x0.shape[0]
+        self._prior_gram = weight * rows.T @ rows
+        self._prior_rhs = weight * rows.sum(dim=0)
+        self._gram = torch.zeros(6, 6, **f64)
+        self._rhs = torch.zeros(6, **f64)
+        #: Forgotten sums of observed seconds and of the prior's prediction for them.
+        self._sum_seconds = torch.zeros((), **f64)
+        self._sum_prior = torch.zeros((), **f64)
+        self.num_samples = torch.zeros((), **f64)
+        #: Current coefficients (``ROUND_COEFS`` order); the prior shape until data.
+        self.coefs = self.prior.clone()
+
+    @staticmethod
+    def _features(batch_size: torch.Tensor, batch_steps: torch.Tensor) -> torch.Tensor:
+        return torch.stack(round_feature_list(batch_size, batch_steps), dim=-1)
+
+    def predict(self, batch_size: int, max_steps: int) -> torch.Tensor:
+        """``[max_steps + 1]`` float64: predicted cost of a round of ``batch_size``
+        requests for each step count ``0 .. max_steps``."""
+        k = torch.arange(max_steps + 1, dtype=torch.float64, device=self.device)
+        return self._features(torch.full_like(k, float(batch_size)), k) @ self.coefs
+
+    def observe(self, batch_size: int, batch_steps: int, seconds: float) -> None:
+        """One measured round (host numbers); updates the coefficients on the device."""
+        f64 = dict(dtype=torch.float64, device=self.device)
+        x = self._features(torch.tensor(float(batch_size), **f64),
+                           torch.tensor(float(batch_steps), **f64))
+        t = torch.tensor(float(seconds), **f64)
+        predicted = x @ self.coefs
+        # Drop non-positive timings and outliers (a gap that held more than one round).
+        keep = (t > 0) & ((self.num_samples < MIN_SAMPLES) | (t <= OUTLIER_FACTOR * predicted))
+        w = keep.to(torch.float64)
+        mem = torch.where(keep, self.memory, 1.0)
+        rel = x / t.clamp_min(1e-30)
+        self._gram = mem * self._gram + w * torch.outer(rel, rel)
+        self._rhs = mem * self._rhs + w * rel
+        self._sum_seconds = mem * self._sum_seconds + w * t
+        self._sum_prior = mem * self._sum_prior + w * (x @ self.prior)
+        self.num_samples = self.num_samples + w
+        scale = torch.where(self._sum_prior > 0, self._sum_seconds / self._sum_prior, 1.0)
+        gram = self._gram + self._prior_gram / scale ** 2
+        rhs = self._rhs + self._prior_rhs / scale
+        self.coefs = torch.where(torch.isfinite(rhs).all(), _solve_nonnegative(gram, rhs),
+                                 self.coefs)
+
+
+def _solve_nonnegative(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """argmin of ``c.G.c/2 - r.c`` over ``c >= 0`` (G positive definite), exactly.
+
+    With six coefficients every subset of free ones can be tried at once: one batched
+    solve of 2^6 systems (the pinned coefficients' rows and columns replaced by the
+    identity), then the feasible solution with the lowest objective wins. No host
+    synchronisation, no iteration count to tune.
+    """
+    n = rhs.shape[0]
+    subsets = torch.arange(2 ** n, device=gram.device)
+    free = ((subsets.unsqueeze(1) >> torch.arange(n, device=gram.device)) & 1).to(gram.dtype)
+    systems = (gram.unsqueeze(0) * free.unsqueeze(2) * free.unsqueeze(1)
+               + torch.diag_embed(1.0 - free))
+    solutions, _ = torch.linalg.solve_ex(systems, (rhs.unsqueeze(0) * free).unsqueeze(2))
+    solutions = solutions.squeeze(2)
+    objective = 0.5 * ((solutions @ gram) * solutions).sum(dim=1) - solutions @ rhs
+    feasible = (solutions >= 0).all(dim=1) & torch.isfinite(objective)
+    best = torch.where(feasible, objective, float("inf")).argmin()
+    return solutions.index_select(0, best.reshape(1)).squeeze(0).clamp_min(0.0)

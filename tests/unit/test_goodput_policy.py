@@ -1,0 +1,186 @@
+"""The cost-aware goodput policy and its acceptance statistics, against float64 references
+and in closed loop on synthetic rounds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sglang_dsde.config import DSDEConfig, DSDEConfigError
+from sglang_dsde.core import make_policy
+from sglang_dsde.core.acceptance import (EPS, PRIOR_RATE, PRIOR_WEIGHT, AcceptanceCalibration,
+                                         observed_positions)
+from sglang_dsde.core.policies.goodput import HISTORY_WEIGHT, PRIOR_TOKENS
+from sglang_dsde.sim import simulate, synthetic_trace
+from sglang_dsde.sim.contenders import build_controller, parse_contender
+from sglang_dsde.sim.cost import LinearRoundCost
+
+
+def goodput(max_slots=8, **knobs):
+    cfg = DSDEConfig(**{"policy": "goodput", "min_steps": 0, "max_steps": 6,
+                        "initial_steps": 2, **knobs})
+    return make_policy(cfg, max_slots=max_slots)
+
+
+def test_observed_positions_stop_after_the_first_rejection():
+    observed, accepted = observed_positions(torch.tensor([4, 4, 2, 0]),
+                                            torch.tensor([1, 4, 0, 0]), 4)
+    assert observed.tolist() == [[True, True, False, False], [True] * 4,
+                                 [True, False, False, False], [False] * 4]
+    assert accepted.tolist() == [[True, False, False, False], [True] * 4,
+                                 [False] * 4, [False] * 4]
+
+
+def test_survival_matches_a_float64_reference():
+    cal = AcceptanceCalibration(3, "cpu")
+    kl = torch.tensor([[0.0, 0.5, 2.0], [0.2, 0.2, 0.2]], dtype=torch.float64)
+    observed, accepted = observed_positions(torch.tensor([3, 3]), torch.tensor([2, 3]), 3)
+    cal.observe(kl, observed, accepted, torch.tensor([0.1, float("nan")]))
+    # Reference: counts after one round, forgotten once (MEMORY), priors added on read.
+    from sglang_dsde.core.acceptance import MEMORY
+    obs_all = MEMORY * np.array([2.0, 2.0, 2.0])   # observed per depth, both requests
+    acc_all = MEMORY * np.array([2.0, 2.0, 1.0])
+    rate = (acc_all.sum() + PRIOR_WEIGHT * PRIOR_RATE) / (obs_all.sum() + PRIOR_WEIGHT)
+    assert math.isclose(float(cal.rate), rate, rel_tol=1e-12)
+    # Both requests count in the all-rounds profile; only request 0 had a known first
+    # draft entropy (0.1): its bin's row holds its counts, with that profile as prior.
+    overall = (acc_all + PRIOR_WEIGHT * rate) / (obs_all + PRIOR_WEIGHT)
+    row = (MEMORY * np.array([1.0, 1.0, 0.0]) + PRIOR_WEIGHT * overall) / (
+        MEMORY * np.array([1.0, 1.0, 1.0]) + PRIOR_WEIGHT)
+    p = 0.3
+    rho = (math.log(p) / math.log(rate)) ** HISTORY_WEIGHT
+    expect_known = np.exp(rho * np.cumsum(np.log(np.clip(row, EPS, 1 - EPS))))
+    expect_unknown = np.exp(rho * np.cumsum(np.log(np.clip(overall, EPS, 1 - EPS))))
+    got = cal.survival(torch.tensor([p, p], dtype=torch.float64),
+                       torch.tensor([0.1, float("nan")], dtype=torch.float64), 3, HISTORY_WEIGHT)
+    assert np.allclose(got[0].numpy(), expect_known, rtol=1e-12)
+    assert np.allclose(got[1].numpy(), expect_unknown, rtol=1e-12)
+
+
+def test_request_estimates_are_decayed_sums_aged_in_output_tokens():
+    pol = goodput(decay=0.8, goodput_kl_weight=0.0, goodput_stability_weight=0.0)
+    slot = torch.tensor([3])
+    rounds = [(4, 2), (4, 4), (0, 0), (3, 0)]   # (drafted, accepted)
+    ref_sum = ref_weight = 0.0
+    for drafted, accepted in rounds:
+        kl = torch.zeros(1, 6, dtype=torch.float64)
+        pol.update(slot, torch.tensor([drafted]), torch.tensor([accepted]), req_kl=kl)
+        observed = min(accepted + 1, drafted)
+        outcomes = [1.0] * accepted + ([0.0] if accepted < drafted else [])
+        fade = 0.8 ** (accepted + 1)
+        ref_sum = fade * ref_sum + sum(0.8 ** (observed - 1 - j) * o
+                                       for j, o in enumerate(outcomes))
+        ref_weight = fade * ref_weight + sum(0.8 ** (observed - 1 - j)
+                                             for j in range(observed))
+    prior = float(pol.calibration.rate)
+    expect = (ref_sum + PRIOR_TOKENS * prior) / (ref_weight + PRIOR_TOKENS)
+    assert math.isclose(float(pol.acceptance_rate(slot)), expect, rel_tol=1e-12)
+
+
+def test_decision_is_the_argmax_of_expected_tokens_per_cost():
+    pol = goodput(goodput_probe_every=0)
+    gen = torch.Generator().manual_seed(1)
+    slots = torch.tensor([0, 2, 5])
+    for _ in range(20):
+        pol.update(slots, torch.tensor([6, 3, 5]), torch.randint(0, 4, (3,), generator=gen),
+                   req_kl=torch.rand(3, 6, generator=gen, dtype=torch.float64))
+        pol.observe_round(3, 5, 0.05)
+    entropy = torch.tensor([0.2, 1.2, 3.5], dtype=torch.float64)
+    steps = int(pol.batch_steps_for(slots, entropy))
+    surv = pol.calibration.survival(pol.acceptance_rate(slots), entropy, 6, HISTORY_WEIGHT)
+    tokens = [3.0 + float(surv[:, :k].sum()) for k in range(7)]
+    cost = pol.round_cost.predict(3, 6).tolist()
+    assert steps == int(np.argmax(np.array(tokens) / np.array(cost)))
+
+
+def run_closed_loop(pol, accept_fn, cost, rounds=400, bs=4, entropy_fn=None):
+    """Feed ``rounds`` rounds: accepted = accept_fn(round, steps, row); returns steps."""
+    slots = torch.arange(bs)
+    chosen = []
+    for r in range(rounds):
+        entropy = entropy_fn(r) if entropy_fn else None
+        k = int(pol.batch_steps_for(slots, entropy))
+        chosen.append(k)
+        acc = torch.tensor([accept_fn(r, k, i) for i in range(bs)])
+        kl = torch.where(torch.arange(6).unsqueeze(0) < acc.unsqueeze(1), 0.01, 3.0)
+        pol.update(slots, torch.full((bs,), k), acc, req_kl=kl.double())
+        pol.observe_round(bs, k, cost.round(bs, k))
+    return chosen
+
+
+GPU_LIKE = LinearRoundCost(d0=0.05, d1=0.0, v0=1.0, v1=0.005, e0=0.05, e1=0.0)
+DRAFT_DEAR = LinearRoundCost(d0=0.6, d1=0.0, v0=1.0, v1=0.2, e0=0.3, e1=0.0)
+
+
+def test_always_accepted_cheap_drafts_grow_to_max_steps():
+    chosen = run_closed_loop(goodput(), lambda r, k, i: k, GPU_LIKE)
+    assert np.mean(np.array(chosen[-100:]) == 6) > 0.9
+
+
+def test_never_accepted_drafts_stop_drafting_with_probes_only():
+    chosen = run_closed_loop(goodput(), lambda r, k, i: 0, GPU_LIKE)
+    tail = np.array(chosen[-128:])
+    assert np.mean(tail == 0) > 0.9 and tail.max() <= 1
+
+
+def test_expensive_drafts_speculate_less_at_the_same_acceptance():
+    rng = np.random.default_rng(0)
+    run = np.cumprod(rng.random((400, 4, 6)) < 0.7, axis=2).sum(axis=2)  # geometric, p=0.7
+    accept = lambda r, k, i: int(min(run[r, i], k))  # noqa: E731
+    cheap = np.mean(run_closed_loop(goodput(), accept, GPU_LIKE)[-200:])
+    dear = np.mean(run_closed_loop(goodput(), accept, DRAFT_DEAR)[-200:])
+    assert cheap > dear + 1
+
+
+def test_confident_first_drafts_get_longer_rounds():
+    # Rounds alternate: low first-draft entropy -> everything accepted; high -> nothing.
+    entropy = lambda r: torch.full((4,), 0.1 if r % 2 else 4.5, dtype=torch.float64)  # noqa
+    accept = lambda r, k, i: k if r % 2 else 0  # noqa: E731
+    chosen = np.array(run_closed_loop(goodput(), accept, GPU_LIKE, entropy_fn=entropy))
+    odd, even = chosen[201::2], chosen[200::2]
+    # (The request history, a blend of both kinds of rounds, pulls the two apart less
+    # than the entropy alone would: a hesitant round still drafts long now and then.)
+    assert odd.mean() > 5 and even.mean() < odd.mean() - 2 and np.mean(even == 0) > 0.3
+
+
+def test_exploration_probes_one_step_either_side_of_the_estimate():
+    pol = goodput(goodput_probe_every=8)
+    chosen = run_closed_loop(pol, lambda r, k, i: min(k, 3), GPU_LIKE, rounds=200)
+    tail = np.array(chosen[-64:])
+    assert len(set(tail.tolist())) >= 2  # the probes show up
+    assert np.bincount(tail).max() >= 0.6 * len(tail)  # and the estimate dominates
+
+
+def test_reset_returns_a_slot_to_the_server_prior():
+    pol = goodput()
+    slot = torch.tensor([1])
+    for _ in range(5):
+        pol.update(slot, torch.tensor([6]), torch.tensor([6]),
+                   req_kl=torch.zeros(1, 6, dtype=torch.float64))
+    assert float(pol.acceptance_rate(slot)) > float(pol.calibration.rate)
+    pol.reset_slots(slot)
+    assert math.isclose(float(pol.acceptance_rate(slot)), float(pol.calibration.rate),
+                        rel_tol=1e-12)
+
+
+def test_per_request_cut_is_refused_with_the_goodput_policy():
+    with pytest.raises(DSDEConfigError, match="--dsde-per-request-cut.*goodput"):
+        DSDEConfig(policy="goodput", per_request_cut=True)
+
+
+def test_simulated_goodput_stops_drafting_where_no_length_pays():
+    """Low agreement, expensive verify: the paper's floor of 2 loses; goodput does not."""
+    trace = synthetic_trace(8, 96, 6, agree_prob=0.2, seed=0)
+    cost = LinearRoundCost(d0=0.3, d1=0.0, v0=1.0, v1=0.25, e0=0.2, e1=0.0)
+
+    def throughput(spec):
+        ctl = build_controller(parse_contender(spec), max_steps=6, max_slots=2, cost=cost)
+        res = simulate(trace.requests, ctl, cost, concurrency=2)
+        return res.num_tokens / res.makespan
+
+    no_spec = throughput("static:0")
+    assert throughput("goodput") > 0.93 * no_spec
+    assert throughput("dsde") < 0.85 * no_spec

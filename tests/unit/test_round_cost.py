@@ -1,0 +1,101 @@
+"""The online round-cost model: prior before data, exact recovery, outliers, non-negativity."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from sglang_dsde.core.round_cost import (MIN_SAMPLES, PRIOR_SHAPE, OnlineRoundCost,
+                                         _solve_nonnegative, round_feature_list)
+from sglang_dsde.sim.cost import LinearRoundCost, round_features
+
+TRUE = LinearRoundCost(d0=0.004, d1=0.0005, v0=0.03, v1=0.002, e0=0.006, e1=0.0003)
+
+
+def feed(model, cost, points):
+    for bs, k in points:
+        model.observe(bs, k, cost.round(bs, k))
+
+
+def test_features_are_the_simulators():
+    bs, k = np.array([1.0, 3.0, 8.0, 8.0]), np.array([0.0, 2.0, 0.0, 5.0])
+    assert np.allclose(np.stack(round_feature_list(bs, k), axis=-1), round_features(bs, k))
+
+
+def test_before_any_timing_it_predicts_the_prior_shape():
+    model = OnlineRoundCost("cpu")
+    expected = [float(np.dot(round_feature_list(4.0, float(k)), PRIOR_SHAPE)) for k in range(6)]
+    assert torch.allclose(model.predict(4, 5), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_recovers_a_linear_cost_from_varied_rounds():
+    model = OnlineRoundCost("cpu")
+    points = list(itertools.product([1, 2, 5, 8, 16], range(0, 7))) * 4
+    feed(model, TRUE, points)
+    for bs in (1, 8, 16):
+        truth = torch.tensor([TRUE.round(bs, k) for k in range(7)], dtype=torch.float64)
+        assert torch.allclose(model.predict(bs, 6), truth, rtol=0.02)
+
+
+def test_one_batch_size_two_step_counts_give_that_batch_sizes_slope():
+    """The policy's probes (K* +- 1) are enough to price every k at the batch size seen."""
+    model = OnlineRoundCost("cpu")
+    feed(model, TRUE, [(8, 3), (8, 4), (8, 2)] * 30)
+    truth = torch.tensor([TRUE.round(8, k) for k in range(1, 9)], dtype=torch.float64)
+    assert torch.allclose(model.predict(8, 8)[1:], truth, rtol=0.02)
+
+
+def test_a_gap_far_longer_than_a_round_is_not_learned():
+    model = OnlineRoundCost("cpu")
+    feed(model, TRUE, [(4, 2), (4, 3)] * MIN_SAMPLES)
+    before = model.predict(4, 4).clone()
+    model.observe(4, 2, 50 * TRUE.round(4, 2))   # a prefill or an idle period in between
+    model.observe(4, 3, 0.0)                       # and a nonsensical timing
+    assert torch.equal(model.predict(4, 4), before)
+
+
+def test_coefficients_stay_non_negative_when_the_data_would_want_less():
+    # Rounds get *cheaper* with more requests: a least-squares fit wants a negative
+    # per-request term; the model keeps every term >= 0 and fits the rest.
+    model = OnlineRoundCost("cpu")
+    for bs in (1, 2, 4, 8) * 10:
+        for k in (1, 2, 3):
+            model.observe(bs, k, 0.05 + 0.01 * k - 0.002 * bs)
+    assert bool((model.coefs >= 0).all())
+    assert torch.isfinite(model.predict(8, 3)).all()
+
+
+def _nnls_reference(gram, rhs):
+    """Best feasible stationary point over all subsets of free coefficients (float64)."""
+    n = rhs.shape[0]
+    best, best_val = np.zeros(n), 0.0
+    for mask in itertools.product([False, True], repeat=n):
+        idx = [i for i in range(n) if mask[i]]
+        if not idx:
+            continue
+        sub = np.linalg.solve(gram[np.ix_(idx, idx)], rhs[idx])
+        if (sub < 0).any():
+            continue
+        c = np.zeros(n)
+        c[idx] = sub
+        val = 0.5 * c @ gram @ c - rhs @ c
+        if val < best_val - 1e-12:
+            best, best_val = c, val
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_nonnegative_solve_matches_an_exhaustive_reference(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(20, 6))
+    gram = a.T @ a + 1e-3 * np.eye(6)
+    rhs = a.T @ rng.normal(size=20)
+    got = _solve_nonnegative(torch.tensor(gram), torch.tensor(rhs)).numpy()
+    ref = _nnls_reference(gram, rhs)
+    objective = lambda c: 0.5 * c @ gram @ c - rhs @ c  # noqa: E731
+    assert (got >= 0).all()
+    assert objective(got) <= objective(ref) + 1e-9 * (1 + abs(objective(ref)))
+    assert np.allclose(got, ref, atol=1e-9)
