@@ -14,8 +14,10 @@ Contract (``Controller``), called by ``simulator.simulate`` once per round:
 
 ``PolicyController`` drives any policy of ``sglang_dsde.core`` (``make_policy``: the SAME
 objects the engine runs): ``steps_for`` gives each request's SL, ``batch_steps_for`` the
-batch's step count (their max, or the policy's own batch decision), ``update`` receives drafted/accepted counts, the recorded KL rows (``req_kl``) and
-draft entropies (``req_draft_entropy``), temperature 0. ``HindsightGreedyController``
+batch's step count (their max, or the policy's own batch decision; it gets the recorded
+first-draft entropies when the policy reads them), ``update`` receives drafted/accepted
+counts, the recorded KL rows (``req_kl``) and draft entropies (``req_draft_entropy``),
+temperature 0; ``observe_cost`` passes the round's cost on (``observe_round``). ``HindsightGreedyController``
 knows the trace: each round it drafts the batch step count that maximises this round's
 tokens per unit of cost (achievable, myopic; not an upper bound: see ``oracle``).
 """
