@@ -7,7 +7,7 @@ driven by ``python -m sglang.bench_serving`` on the offline workloads.
 Contenders (row names follow ``sglang_dsde.sim.report``): ``static:0`` (no
 speculation), ``static:k`` (SGLang's STANDALONE with ``--speculative-num-steps k``),
 ``sglang_adaptive`` (SGLang's adaptive rule as a policy on the DSDE worker), ``dsde``,
-``dsde+cut`` (``--dsde-per-request-cut``). One server per contender (the accept length
+``dsde+cut`` (``--dsde-per-request-cut``), ``goodput`` (the cost-aware policy). One server per contender (the accept length
 in ``/server_info`` is cumulative, so nothing leaks between contenders); every cell
 (workload x concurrency x temperature) runs on it in a fixed order. Per-cell accept
 length comes from the server's per-round decode log (``--decode-log-interval 1``):
@@ -77,7 +77,10 @@ def contenders_for(static_steps: Sequence[int], dsde_max_steps: int = DSDE_MAX_S
                       dsde + ("--dsde-policy", "sglang_adaptive")),
             Contender("dsde", "DSDE", dsde_max_steps, dsde + ("--dsde-policy", "dsde")),
             Contender("dsde+cut", "DSDE", dsde_max_steps,
-                      dsde + ("--dsde-policy", "dsde", "--dsde-per-request-cut"))]
+                      dsde + ("--dsde-policy", "dsde", "--dsde-per-request-cut")),
+            # min_steps 0: the policy may choose not to draft (the worker drafts 1 then).
+            Contender("goodput", "DSDE", dsde_max_steps,
+                      dsde + ("--dsde-policy", "goodput", "--dsde-min-steps", "0"))]
     return out
 
 

@@ -13,7 +13,7 @@
   ``h100x4-llama3-70b`` (roofline, context = the trace's mean prompt + half its output).
   Default: every ``bench/results/sim/cpu_prior_*.json`` plus both H100 presets.
 * Contenders: ``static:0 .. static:K`` (K = the trace's max_steps) always, then the
-  ``--contenders`` list (default: dsde, dsde+cut, sglang_adaptive, adaedl,
+  ``--contenders`` list (default: goodput, dsde, dsde+cut, sglang_adaptive, adaedl,
   hindsight-greedy); the oracle bound is added to every cell.
 * ``--seed`` shuffles the arrival order of each trace's requests (0: file order).
 
@@ -44,7 +44,7 @@ from sglang_dsde.sim.report import write_tables  # noqa: E402
 from sglang_dsde.sim.trace import trace_summary  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_CONTENDERS = "dsde;dsde+cut;sglang_adaptive;adaedl;hindsight-greedy"
+DEFAULT_CONTENDERS = "goodput;dsde;dsde+cut;sglang_adaptive;adaedl;hindsight-greedy"
 BATCH1_ONLY = {"issue8-gpu-like", "issue8-cpu"}
 
 
@@ -72,11 +72,14 @@ def build_costs(specs, trace):
 
 
 def summary_lines(rows, contenders):
+    """One line per cell (ratios to static-opt), then per contender its worst and mean
+    ratio to static-opt, the best single static SL and the oracle over all cells."""
     cells = {}
     for r in rows:
         cells.setdefault((r["trace"], r["cost"], r["concurrency"]), []).append(r)
+    sl_of = [c for c in ("goodput", "dsde") if c in contenders]
     head = ["trace", "cost", "C", "static-opt (x no-spec)", "oracle"] + contenders + [
-        "dsde mean SL"]
+        f"{c} mean SL" for c in sl_of]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (trace, cost, conc), members in cells.items():
         by = {r["contender"]: r for r in members}
@@ -84,8 +87,25 @@ def summary_lines(rows, contenders):
         cols = [trace, cost, str(conc), f"k={best['contender'][7:]}: {best['speedup']:.2f}x",
                 f"{by['oracle']['vs_static_opt']:.3f}"]
         cols += [f"{by[c]['vs_static_opt']:.3f}" if c in by else "-" for c in contenders]
-        cols.append(f"{by['dsde']['mean_steps']:.1f}" if "dsde" in by else "-")
+        cols += [f"{by[c]['mean_steps']:.1f}" if c in by else "-" for c in sl_of]
         lines.append("| " + " | ".join(cols) + " |")
+    # The best single static SL over all cells: what one profiled length gets everywhere.
+    statics = sorted({r["contender"] for r in rows if str(r["contender"]).startswith("static:")})
+    global_static = max(statics, key=lambda s: float(np.mean(
+        [r["vs_static_opt"] for r in rows if r["contender"] == s])))
+    lines += ["", "| contender | worst x static-opt | mean x static-opt | mean x "
+              f"{global_static} (best single static) | mean x oracle |", "|---|---|---|---|---|"]
+    for c in contenders + [global_static]:
+        mine = [r for r in rows if r["contender"] == c]
+        if not mine:
+            continue
+        ratio = [r["vs_static_opt"] for r in mine]
+        vs_global = [r["throughput"] / next(
+            g["throughput"] for g in cells[(r["trace"], r["cost"], r["concurrency"])]
+            if g["contender"] == global_static) for r in mine]
+        frac = [r["oracle_frac"] for r in mine if r["oracle_frac"] is not None]
+        lines.append(f"| {c} | {min(ratio):.3f} | {np.mean(ratio):.3f} | "
+                     f"{np.mean(vs_global):.3f} | {np.mean(frac):.3f} |")
     return lines
 
 

@@ -40,7 +40,8 @@ def test_parse_args_rejects_bad_values():
 def test_contenders():
     cs = {c.name: c for c in compare.contenders_for([1, 2], dsde_max_steps=4)}
     assert list(cs) == ["static:0", "static:1", "static:2", "sglang_adaptive", "dsde",
-                        "dsde+cut"]
+                        "dsde+cut", "goodput"]
+    assert cs["goodput"].extra[-4:] == ("--dsde-policy", "goodput", "--dsde-min-steps", "0")
     assert cs["static:0"].server_kwargs("D")["algorithm"] is None
     assert cs["static:2"].server_kwargs("D") == {
         "algorithm": "STANDALONE", "draft_model_path": "D", "num_steps": 2, "extra_args": []}
