@@ -74,7 +74,7 @@ class RoundInputs:
         self.drafted = torch.full((bs,), width, device=device, dtype=torch.int64)
         self.accepted = torch.randint(0, width + 1, (bs,), device=device, generator=gen)
         self.temperature = torch.where(torch.arange(bs, device=device) % 2 == 0, 0.0, 0.8)
-        cfg = DSDEConfig(max_steps=max(10, width))
+        cfg = DSDEConfig(policy="dsde", max_steps=max(10, width))
         self.policy = make_policy(cfg, max_slots=4 * bs, device=device,
                                   default_initial_steps=4)
         kl = torch.rand(bs, width, device=device, generator=gen, dtype=torch.float64)
@@ -146,7 +146,7 @@ def device_agreement(device: torch.device, rounds: int = 60, seed: int = 0) -> d
     """Run the same random rounds through the policy (and KL) on ``device`` and on the
     CPU: the decisions must be identical and the KL equal to float32 rounding."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = DSDEConfig(window=12)
+    cfg = DSDEConfig(policy="dsde", window=12)
     pols = {d: make_policy(cfg, max_slots=32, device=d, default_initial_steps=4)
             for d in ("cpu", device)}
     identical, kl_rel = True, 0.0

@@ -42,8 +42,8 @@ def median_ms(fn, repeats: int) -> float:
 
 def runtime_round_ms(bs: int, steps: int, vocab: int, repeats: int, seed: int) -> float:
     gen = torch.Generator().manual_seed(seed)
-    runtime = DSDERuntime(DSDEConfig(window=8), max_slots=bs, max_rows=bs, vocab_size=vocab,
-                          initial_steps=steps)
+    runtime = DSDERuntime(DSDEConfig(policy="dsde", window=8), max_slots=bs, max_rows=bs,
+                          vocab_size=vocab, initial_steps=steps)
     slots = torch.arange(bs)
     runtime.on_slots_allocated(slots)
     draft_rows = torch.randn(bs, vocab, generator=gen)

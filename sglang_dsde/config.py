@@ -27,6 +27,15 @@ MAX_STEPS_LIMIT = 32
 MAX_WINDOW = 1024
 
 
+#: ``min_steps`` when not given: the paper's floor of 2 for the policies that follow it.
+_POLICY_MIN_STEPS = {"dsde": 2, "adaedl": 2}
+
+
+def default_min_steps(policy: str) -> int:
+    """The ``min_steps`` a config of ``policy`` gets when the knob is not set."""
+    return _POLICY_MIN_STEPS.get(policy, 0)
+
+
 class DSDEConfigError(ValueError):
     """A knob value outside its allowed range, an unknown knob, or malformed JSON."""
 
@@ -42,16 +51,20 @@ def _knob(default: Any, help: str, *, lo: Any = None, hi: Any = None,
 class DSDEConfig:
     """Every DSDE knob with its default. Construction validates; instances are immutable."""
 
-    policy: str = _knob("dsde", "Speculation-length policy: dsde (the paper's KL-stability "
-                        "rule) or a baseline on the same engine.", choices=POLICY_CHOICES)
+    policy: str = _knob("goodput", "Speculation-length policy: goodput (cost-aware: the step "
+                        "count with the most expected tokens per second, docs/goodput.md), "
+                        "dsde (the paper's KL-stability rule) or a baseline on the same "
+                        "engine.", choices=POLICY_CHOICES)
     window: int = _knob(30, "KL history per request, in drafted tokens (W); also the "
                         "warm-up length.", lo=1, hi=MAX_WINDOW)
     decay: float = _knob(0.9, "Weight decay per token of age in the weighted variances "
                          "(newest weight 1).", lo=0.0, hi=1.0, lo_open=True)
     alpha: float = _knob(2.0, "Scale-factor sharpness: SF = exp(alpha * mean_kl) - 1.",
                          lo=0.0, hi=100.0, lo_open=True)
-    min_steps: int = _knob(2, "Smallest speculation length a request may get (SL_min).",
-                           lo=0, hi="max_steps")
+    min_steps: Optional[int] = _knob(None, "Smallest speculation length a request may get "
+                                     "(SL_min); default: 2 for dsde and adaedl (the "
+                                     "paper's floor), 0 for the others (the engine drafts "
+                                     "at least 1).", lo=0, hi="max_steps")
     max_steps: int = _knob(10, "Largest speculation length (SL_max); sizes the verify "
                            "buffers and the pre-built runtime states.", lo=1,
                            hi=MAX_STEPS_LIMIT)
@@ -89,6 +102,9 @@ class DSDEConfig:
                                      hi=100000)
 
     def __post_init__(self) -> None:
+        if self.min_steps is None and self.policy in POLICY_CHOICES:
+            # Resolved once, here: every reader sees an int.
+            object.__setattr__(self, "min_steps", default_min_steps(self.policy))
         for f in dataclasses.fields(self):
             _check_value(self, f, getattr(self, f.name))
         if self.per_request_cut and self.policy == "goodput":

@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = knob_help(name).replace("%", "%%")
         if name == "initial_steps":
             help_text += f" In the replay the default is {REPLAY_INITIAL_STEPS}."
+        if name == "policy":
+            help_text += (" In the replay the default is dsde: a verify-round trace has no "
+                          "round timings or first-draft entropies for goodput.")
         if kind is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
@@ -236,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "trace" and v is not None}
+    overrides.setdefault("policy", "dsde")
     try:
         cfg = DSDEConfig(**overrides)
     except DSDEConfigError as exc:

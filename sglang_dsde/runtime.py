@@ -259,4 +259,5 @@ class DSDERuntime:
             "last_cap": self.last_cap,
             "batch_steps_histogram": {str(k): v for k, v in
                                       sorted(self.batch_steps_histogram.items())},
+            **({"learned": learned} if (learned := self.policy.describe()) else {}),
         }

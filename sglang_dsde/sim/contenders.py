@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from ..config import DSDEConfig, knob_names, knob_type
+from ..config import DSDEConfig, default_min_steps, knob_names, knob_type
 from ..core.policies import POLICIES
 from .controllers import Controller, HindsightGreedyController, PolicyController
 from .cost import RoundCost
@@ -36,7 +36,7 @@ NAMED = {
     "dsde+cut": ("dsde", {"per_request_cut": True}),
     "sglang_adaptive": ("sglang_adaptive", {"min_steps": 0}),
     "adaedl": ("adaedl", {}),
-    "goodput": ("goodput", {"min_steps": 0}),
+    "goodput": ("goodput", {}),
 }
 
 
@@ -105,7 +105,7 @@ def contender_config(c: Contender, max_steps: int) -> DSDEConfig:
     if knobs["max_steps"] > max_steps:
         raise ValueError(f"contender {c.label}: max_steps {knobs['max_steps']} exceeds the "
                          f"trace's {max_steps}")
-    min_steps = knobs.get("min_steps", DSDEConfig.min_steps)
+    min_steps = knobs.get("min_steps", default_min_steps(c.policy))
     if "initial_steps" not in knobs:
         knobs["initial_steps"] = min(max(DEFAULT_INITIAL_STEPS, min_steps), knobs["max_steps"])
     return DSDEConfig(policy=c.policy, **knobs)

@@ -22,8 +22,10 @@ from sglang_dsde.testing import TINY_PROMPTS as PROMPTS
 from sglang_dsde.testing import make_tiny_llama, running_server
 
 MAX_TOTAL_TOKENS = 4096
-# A short window so requests finish warm-up within a few rounds and the policy acts.
-DSDE_ARGS = ["--dsde-window", "4", "--dsde-max-steps", "6", "--dsde-min-steps", "1"]
+# The paper's policy, with a short window so requests finish warm-up within a few rounds
+# and the policy acts. (The default policy, goodput, has its own test below.)
+DSDE_ARGS = ["--dsde-policy", "dsde", "--dsde-window", "4", "--dsde-max-steps", "6",
+             "--dsde-min-steps", "1"]
 
 
 def _dsde_server(target, draft, logs, extra=()):
@@ -188,6 +190,23 @@ def test_sglang_frontend_program(plain, dsde):
         answers.append(state["answer"])
     assert answers[0] == answers[1]
     assert answers[1]  # the program produced text
+
+
+def test_default_goodput_policy_is_lossless_and_learns_round_costs(plain, tiny_models,
+                                                                   server_logs):
+    """No --dsde-policy: the cost-aware policy; it times rounds and learns acceptance."""
+    want = [r["output_ids"] for r in _generate_all(plain, PROMPTS)]
+    with running_server(tiny_models.target, draft_model_path=tiny_models.target,
+                        algorithm="DSDE", num_steps=3, max_total_tokens=MAX_TOTAL_TOKENS,
+                        log_dir=server_logs, extra_args=["--dsde-max-steps", "6"]) as server:
+        got = [r["output_ids"] for r in _generate_all(server, PROMPTS)]
+        state = _dsde_state(server)
+    assert got == want
+    assert state["policy"] == "goodput" and state["rounds"] > 0, state
+    learned = state["learned"]
+    # Draft == target: nearly every draft is accepted, and the decode rounds were timed.
+    assert learned["acceptance_rate"] > 0.8 and learned["timed_rounds"] > 10, learned
+    assert min(int(k) for k in state["batch_steps_histogram"]) >= 1  # no 0-draft state
 
 
 def test_per_request_cut_is_lossless(plain, tiny_models, server_logs):

@@ -21,7 +21,7 @@ def test_registry_matches_config_choices_and_needs_an_initial_sl():
     with pytest.raises(ValueError, match="no initial SL"):
         make_policy(DSDEConfig(), max_slots=4)
     with pytest.raises(ValueError, match=r"initial SL = 11: expected an integer in \[min_steps=2"):
-        make_policy(DSDEConfig(), max_slots=4, default_initial_steps=11)
+        make_policy(DSDEConfig(policy="dsde"), max_slots=4, default_initial_steps=11)
     pol = make_policy(DSDEConfig(initial_steps=6), max_slots=4, default_initial_steps=3)
     assert pol.steps_for(torch.tensor([1])).tolist() == [6]   # the knob wins
 
@@ -89,7 +89,7 @@ def test_sglang_adaptive_ceiling_lowers_a_step_that_did_not_rise():
 
 
 def test_sglang_adaptive_clamps_candidates_into_the_sl_range():
-    pol = make_policy(DSDEConfig(policy="sglang_adaptive"), max_slots=64,
+    pol = make_policy(DSDEConfig(policy="sglang_adaptive", min_steps=2), max_slots=64,
                       default_initial_steps=3)
     # min_steps 2: tier 1 [1, 3, 5, 7] -> [2, 3, 5, 7]; tier 64 [0] -> [2].
     assert pol.tiers[0].candidates == [2, 3, 5, 7] and pol.tiers[-1].candidates == [2]

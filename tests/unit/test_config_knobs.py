@@ -19,11 +19,20 @@ from sglang_dsde.config import (
 
 
 def test_defaults_are_the_papers():
-    cfg = DSDEConfig()
+    cfg = DSDEConfig(policy="dsde")
     assert (cfg.window, cfg.decay, cfg.alpha) == (30, 0.9, 2.0)
     assert (cfg.min_steps, cfg.max_steps, cfg.batch_cap) == (2, 10, True)
     assert (cfg.kmax_kl_weight, cfg.kmin_fraction) == (0.5, 0.1)
-    assert cfg.policy == "dsde" and cfg.per_request_cut is False
+    assert cfg.per_request_cut is False
+
+
+def test_default_policy_is_goodput_whose_floor_is_zero():
+    """The bench winner is the default (docs/goodput.md); the paper's floor of 2 stays
+    with the paper's policy unless min_steps is given."""
+    assert (DSDEConfig().policy, DSDEConfig().min_steps) == ("goodput", 0)
+    assert DSDEConfig(policy="adaedl").min_steps == 2
+    assert DSDEConfig(policy="dsde", min_steps=1).min_steps == 1
+    assert DSDEConfig.from_mapping({"policy": "dsde"}).min_steps == 2
 
 
 def test_config_is_frozen_and_replace_validates():
@@ -43,7 +52,8 @@ def test_config_is_frozen_and_replace_validates():
     ({"alpha": math.inf}, "--dsde-alpha"),
     ({"min_steps": 4, "max_steps": 3}, "= 4: expected an integer in [0, max_steps=3]"),
     ({"max_steps": 33}, "[1, 32]"),
-    ({"initial_steps": 1}, "expected an integer in [min_steps=2, max_steps=10] (or none)"),
+    ({"policy": "dsde", "initial_steps": 1},
+     "expected an integer in [min_steps=2, max_steps=10] (or none)"),
     ({"policy": "greedy"}, "expected one of dsde, static"),
     ({"batch_cap": "yes"}, "expected true or false"),
     ({"kmin_fraction": True}, "--dsde-kmin-fraction"),

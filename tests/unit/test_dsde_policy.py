@@ -11,7 +11,8 @@ from sglang_dsde.core import make_policy
 
 
 def dsde(max_slots=8, initial=4, **knobs):
-    return make_policy(DSDEConfig(**knobs), max_slots=max_slots, default_initial_steps=initial)
+    return make_policy(DSDEConfig(**{"policy": "dsde", **knobs}), max_slots=max_slots,
+                       default_initial_steps=initial)
 
 
 def step(policy, slots, drafted, accepted, kls, temps=None):
@@ -154,7 +155,7 @@ def scenarios(draw):
 @given(scenarios())
 def test_batched_update_equals_per_request_reference(scenario):
     knobs, slot_of, rounds = scenario
-    cfg = DSDEConfig(**knobs)
+    cfg = DSDEConfig(**{"policy": "dsde", **knobs})
     pol = make_policy(cfg, max_slots=16)
     ref = RefDSDE(**knobs)
     for batch in rounds:

@@ -169,7 +169,7 @@ def test_replay_equals_independent_reference(lines, window, decay, initial):
     text = [json.dumps(x) for x in lines]
     rounds, max_slots = read_trace(text)
     assert max_slots <= len({x["request"] for x in lines}) + sum(bool(x.get("done")) for x in lines)
-    cfg = DSDEConfig(window=window, decay=decay, initial_steps=initial)
+    cfg = DSDEConfig(policy="dsde", window=window, decay=decay, initial_steps=initial)
     got = [json.dumps(x) for x in run_rounds(rounds, max_slots, cfg)]
     want = [json.dumps(x) for x in reference_replay(lines, window=window, decay=decay,
                                                     initial_steps=initial)]

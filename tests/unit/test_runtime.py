@@ -14,7 +14,8 @@ VOCAB = 50
 
 
 def make_runtime(lag_rounds=0, **cfg):
-    config = DSDEConfig(**{"window": 4, "min_steps": 1, "max_steps": 4, **cfg})
+    config = DSDEConfig(**{"policy": "dsde", "window": 4, "min_steps": 1, "max_steps": 4,
+                           **cfg})
     return DSDERuntime(config, max_slots=8, max_rows=8, vocab_size=VOCAB, initial_steps=2,
                        lag_rounds=lag_rounds)
 

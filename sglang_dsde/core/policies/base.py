@@ -100,6 +100,11 @@ class SpecPolicy:
         """A measured round (host numbers): ``batch_size`` requests drafted
         ``batch_steps`` and the round took ``seconds``. Default: ignored."""
 
+    def describe(self) -> dict:
+        """Server-wide learned state for humans (``/server_info``; reads the device, so
+        never call it in the round path). Default: nothing."""
+        return {}
+
     def reset_slots(self, slots: torch.Tensor) -> None:
         """Forget the requests in ``slots`` (finished or aborted); batched."""
         self.req_steps[slots] = self.initial_steps

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from ..acceptance import AcceptanceCalibration, observed_positions
-from ..round_cost import OnlineRoundCost
+from ..round_cost import ROUND_COEFS, OnlineRoundCost
 from ..state import KLHistory
 from ..wvir import decay_weights, wvir
 from .base import PolicyDecision, SpecPolicy, drafted_mask
@@ -91,6 +91,15 @@ class GoodputPolicy(SpecPolicy):
 
     def observe_round(self, batch_size: int, batch_steps: int, seconds: float) -> None:
         self.round_cost.observe(batch_size, batch_steps, seconds)
+
+    def describe(self) -> dict:
+        cost = self.round_cost
+        return {
+            "acceptance_rate": round(float(self.calibration.rate), 4),
+            "timed_rounds": int(float(cost.num_samples)),
+            "round_cost_coefs": {name: float(v) for name, v in
+                                 zip(ROUND_COEFS, cost.coefs)},
+        }
 
     # -- estimates and the decision --------------------------------------------------
 
