@@ -90,7 +90,7 @@ BAD_KNOBS = [
     (["--speculative-adaptive-config", '{"window": true}'],
      "--dsde-window (DSDE knob 'window') = True: expected an integer in [1, 1024]"),
     (["--speculative-num-steps", "12"],
-     "--speculative-num-steps = 12: with DSDE expected an integer in [max(1, min_steps)=2, max_steps=10]"),
+     "--speculative-num-steps = 12: with DSDE expected an integer in [max(1, min_steps)=1, max_steps=10]"),
     (["--speculative-eagle-topk", "4"], "--speculative-eagle-topk = 4"),
 ]
 
