@@ -48,13 +48,16 @@ class DSDERuntime:
 
     def __init__(self, cfg: DSDEConfig, *, max_slots: int, max_rows: int, vocab_size: int,
                  initial_steps: int, device="cpu", logits_dtype=torch.float32,
-                 lag_rounds: int = 0):
+                 lag_rounds: int = 0, min_runnable_steps: int = 0):
         self.cfg = cfg
         self.device = torch.device(device)
         self.vocab_size = int(vocab_size)
         self.max_rows = int(max_rows)
         self.initial_steps = int(initial_steps)
         self.lag_rounds = int(lag_rounds)
+        #: The smallest step count the engine can run (SGLang's STANDALONE rounds always
+        #: draft at least 1): a policy's decision below it runs as this many.
+        self.min_runnable_steps = int(min_runnable_steps)
         self.policy = make_policy(cfg, max_slots=max_slots, device=self.device,
                                   default_initial_steps=initial_steps)
         width = cfg.max_steps + 1
@@ -199,8 +202,9 @@ class DSDERuntime:
 
         Without lag: the policy's batch decision (``batch_steps_for``: by default the
         largest current SL over the batch; new requests count with the initial SL). With
-        ``lag_rounds`` = 1: the previous round's decision. A policy that reads the first
-        draft's entropy gets it here, from the distributions kept by slot.
+        ``lag_rounds`` = 1: the previous round's decision. Clamped into
+        ``[min_runnable_steps, max_steps]``. A policy that reads the first draft's entropy
+        gets it here, from the distributions kept by slot.
         """
         slots = slots.to(self.device, torch.int64)
         entropy = None
@@ -217,6 +221,7 @@ class DSDERuntime:
                 steps = self.initial_steps
             else:
                 steps = self._read_pending(keep=self.lag_rounds)
+        steps = min(max(steps, self.min_runnable_steps), self.cfg.max_steps)
         self.batch_steps_histogram[steps] = self.batch_steps_histogram.get(steps, 0) + 1
         self.last_batch_steps = steps
         return steps

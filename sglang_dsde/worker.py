@@ -193,7 +193,10 @@ def _define_worker_class() -> type:
                 device=self.device,
                 # Under overlap scheduling the CPU runs one round ahead of the GPU.
                 lag_rounds=0 if resolution_result(self.server_args,
-                                                  "disable_overlap_schedule") else 1)
+                                                  "disable_overlap_schedule") else 1,
+                # Only pre-built states can run: a policy allowed down to 0 steps drafts
+                # 1 until a no-drafting state exists (issue 8).
+                min_runnable_steps=self._schedule.candidate_steps[0])
             runtime = self.dsde
 
             def on_alloc_rows(rows):
@@ -245,11 +248,7 @@ def _define_worker_class() -> type:
             is_decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch)
             slots = batch.req_pool_indices
             if is_decode and not batch.forward_mode.is_idle():
-                # Only pre-built states can run: a policy allowed down to 0 steps drafts 1
-                # until the no-drafting state exists (issue 8).
-                candidates = self._schedule.candidate_steps
-                steps = min(max(self.dsde.next_batch_steps(slots), candidates[0]),
-                            candidates[-1])
+                steps = self.dsde.next_batch_steps(slots)
                 self._schedule.planned_steps = steps
                 # Round timing for the cost-aware policy: start to start of decode rounds.
                 self.dsde.on_decode_round_start(int(slots.shape[0]), steps, time.perf_counter())

@@ -145,3 +145,11 @@ def test_goodput_runtime_reads_first_draft_entropy_and_learns_round_times():
     runtime.on_other_work()                             # a prefill ran: no sample
     runtime.on_decode_round_start(2, 2, 100.0)
     assert float(pol.round_cost.num_samples) == 2
+
+
+def test_a_decision_below_the_runnable_floor_runs_and_is_counted_as_the_floor():
+    config = DSDEConfig(policy="static", min_steps=0, initial_steps=0, max_steps=4)
+    runtime = DSDERuntime(config, max_slots=4, max_rows=4, vocab_size=VOCAB, initial_steps=0,
+                          min_runnable_steps=1)
+    assert runtime.next_batch_steps(torch.tensor([0, 1])) == 1
+    assert runtime.stats()["batch_steps_histogram"] == {"1": 1}
