@@ -78,14 +78,14 @@ def test_synthetic_traces_are_consistent_and_seeded():
 
 
 def test_committed_sample_traces_are_consistent_greedy_traces():
-    """The committed samples of the real pair (SmolLM2-135M target, 4- and 3-bit copies)
-    read back, obey the agreement-run invariant exactly, and their KL separates agreeing
+    """The committed samples of the real pairs (SmolLM2-135M target; the distilled draft,
+    4- and 3-bit copies) read back, obey the agreement-run invariant exactly, and their KL separates agreeing
     from disagreeing first draft positions."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "bench" / "results" / "traces" / "sample"
     paths = sorted(root.glob("*.jsonl"))
-    assert len(paths) == 2
+    assert len(paths) == 3
     for path in paths:
         trace = read_trace(path)
         assert trace.header["target"] == "SmolLM2-135M-Instruct" and trace.max_steps == 8
