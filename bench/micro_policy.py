@@ -17,7 +17,7 @@ On a CUDA device it also:
 
 Writes ``bench/results/micro_policy_<device>.md`` (a table) and ``.json``. Not a test.
 
-    python bench/micro_policy.py [--device cpu|cuda] [--quick]
+    python bench/micro_policy.py [--device cpu|cuda] [--quick] [--policy dsde|goodput]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sglang_dsde.config import DSDEConfig  # noqa: E402
-from sglang_dsde.core import kl_per_position, make_policy  # noqa: E402
+from sglang_dsde.core import entropy_of_logits, kl_per_position, make_policy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA8B = dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256)
@@ -66,7 +66,8 @@ def timed(fn, device, repeats: int, warmup: int = 2, stat=statistics.median) -> 
 class RoundInputs:
     """Seeded inputs of one verify round and a policy whose slots are past warm-up."""
 
-    def __init__(self, bs: int, vocab: int, width: int, device: torch.device, seed: int):
+    def __init__(self, bs: int, vocab: int, width: int, device: torch.device, seed: int,
+                 policy: str = "dsde"):
         gen = torch.Generator(device=device).manual_seed(seed)
         self.target = torch.randn(bs, width, vocab, device=device, generator=gen) * 3
         self.draft = self.target + torch.randn(bs, width, vocab, device=device, generator=gen)
@@ -74,7 +75,7 @@ class RoundInputs:
         self.drafted = torch.full((bs,), width, device=device, dtype=torch.int64)
         self.accepted = torch.randint(0, width + 1, (bs,), device=device, generator=gen)
         self.temperature = torch.where(torch.arange(bs, device=device) % 2 == 0, 0.0, 0.8)
-        cfg = DSDEConfig(policy="dsde", max_steps=max(10, width))
+        cfg = DSDEConfig(policy=policy, max_steps=max(10, width))
         self.policy = make_policy(cfg, max_slots=4 * bs, device=device,
                                   default_initial_steps=4)
         kl = torch.rand(bs, width, device=device, generator=gen, dtype=torch.float64)
@@ -82,15 +83,27 @@ class RoundInputs:
             self.policy.update(self.slots, self.drafted, self.accepted, req_kl=kl,
                                req_temperature=self.temperature)
         self.kl = kl
+        # The goodput policy's round also reads the first drafts' entropy before drafting
+        # and learns the round's time after it; both are part of its per-round cost.
+        self.goodput = self.policy.needs_first_entropy
+        self.first_draft = self.draft[:, 0].contiguous()
+        self.batch_size, self.width = bs, width
+
+    def _round(self, kl):
+        if self.goodput:
+            self.policy.batch_steps_for(self.slots, entropy_of_logits(self.first_draft))
+        decision = self.policy.update(self.slots, self.drafted, self.accepted, req_kl=kl,
+                                      req_temperature=self.temperature)
+        if self.goodput:
+            self.policy.observe_round(self.batch_size, self.width, 0.05)
+        return decision
 
     def signal_and_update(self):
-        kl = kl_per_position(self.target, self.draft, self.drafted, self.temperature)
-        return self.policy.update(self.slots, self.drafted, self.accepted, req_kl=kl,
-                                  req_temperature=self.temperature)
+        return self._round(kl_per_position(self.target, self.draft, self.drafted,
+                                           self.temperature))
 
     def update_only(self):
-        return self.policy.update(self.slots, self.drafted, self.accepted, req_kl=self.kl,
-                                  req_temperature=self.temperature)
+        return self._round(self.kl)
 
 
 class LayerStack:
@@ -173,9 +186,9 @@ def device_agreement(device: torch.device, rounds: int = 60, seed: int = 0) -> d
     return dict(rounds=rounds, decisions_identical=bool(identical), kl_max_rel_diff=kl_rel)
 
 
-def measure_row(row: dict, device, repeats: int, stack) -> None:
+def measure_row(row: dict, device, repeats: int, stack, policy: str = "dsde") -> None:
     inputs = RoundInputs(row["bs"], row["vocab"], row["width"], device,
-                         seed=row["bs"] * 1000 + row["width"])
+                         seed=row["bs"] * 1000 + row["width"], policy=policy)
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -210,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--policy", choices=("dsde", "goodput"), default="dsde",
+                        help="policy whose per-round path is timed (goodput adds the first "
+                             "drafts' entropy and the round-cost update)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.quick:
@@ -221,7 +237,8 @@ def main(argv=None) -> int:
     env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else
                f"{platform.processor() or platform.machine()} CPU, "
                f"{torch.get_num_threads()} threads",
-               torch=torch.__version__, repeats=repeats, logits_dtype="float32")
+               torch=torch.__version__, repeats=repeats, logits_dtype="float32",
+               policy=args.policy)
     print(f"micro_policy on {env['device']} (torch {env['torch']}), median of {repeats}",
           flush=True)
     if device.type == "cuda":
@@ -234,7 +251,7 @@ def main(argv=None) -> int:
             for bs in args.batch_sizes:
                 row = dict(bs=bs, vocab=vocab, width=width)
                 try:
-                    measure_row(row, device, repeats, stack)
+                    measure_row(row, device, repeats, stack, args.policy)
                 except Exception as exc:  # keep the other rows; say what broke
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                 rows.append(row)
@@ -247,7 +264,8 @@ def main(argv=None) -> int:
 
 def write_results(out: Path, device, env: dict, rows: list, quiet: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"micro_policy_{device.type}"
+    suffix = "" if env.get("policy", "dsde") == "dsde" else f"_{env['policy']}"
+    stem = out / f"micro_policy_{device.type}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(dict(env=env, rows=rows), indent=1) + "\n")
     cols = ["bs", "vocab", "width", "signal_update_ms", "signal_update_min_ms", "update_only_ms",
             "logits_mib"]
@@ -258,8 +276,8 @@ def write_results(out: Path, device, env: dict, rows: list, quiet: bool = False)
     lines = [f"# micro_policy on {env['device']}",
              "",
              f"torch {env['torch']}; median of {env['repeats']}; logits {env['logits_dtype']}; "
-             "signal = kl_per_position over [bs, width, vocab]; update = DSDEPolicy.update "
-             "(requests past warm-up). verify_forward = matmul-only Llama-8B-shaped stack on "
+             f"signal = kl_per_position over [bs, width, vocab]; update = the "
+             f"{env.get('policy', 'dsde')} policy's round (requests past warm-up). verify_forward = matmul-only Llama-8B-shaped stack on "
              "bs*(width+1) tokens (attention omitted), bf16.",
              "",
              "| " + " | ".join(cols) + " |",
