@@ -163,10 +163,26 @@ def make_tiny_llama(
 # Loopback server helpers (used by the e2e tests and the demo)
 # --------------------------------------------------------------------------------------
 
+#: Ports for test servers: below Linux's ephemeral range (32768-60999), so the kernel
+#: does not hand the port to some outgoing connection between our check and the
+#: server's bind (seen in CI: a port from ``bind(0)`` was taken 1 s later).
+_PORT_RANGE = (20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port that is free now, outside the ephemeral range."""
+    import random
+
+    rng = random.Random()  # seeded from the OS: concurrent test runs must not agree
+    for _ in range(200):
+        port = rng.randrange(*_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {_PORT_RANGE}")
 
 
 def cpu_server_env(extra: dict | None = None) -> dict:
@@ -344,6 +360,10 @@ class ServerProcess:
             self.proc.wait(timeout=10)
 
 
+class PortInUse(RuntimeError):
+    """The server could not bind its port: another process holds it."""
+
+
 def launch_server(cmd: Sequence[str], *, env: dict | None = None,
                   startup_timeout: float = 300, log_dir=None) -> ServerProcess:
     """Start ``cmd`` (from :func:`server_command`) in its own process group and wait,
@@ -364,6 +384,9 @@ def launch_server(cmd: Sequence[str], *, env: dict | None = None,
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            log = server.log_path.read_text(errors="replace")
+            if "address already in use" in log:
+                raise PortInUse(f"port {port} was taken before the server bound it")
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
         try:
             if requests.get(f"{base_url}/health", timeout=5).status_code == 200:
@@ -383,8 +406,15 @@ def running_server(model_path, **kwargs) -> Iterator[ServerProcess]:
     and ``log_dir`` which go to :func:`launch_server`.
     """
     launch_kw = {k: kwargs.pop(k) for k in ("env", "startup_timeout", "log_dir") if k in kwargs}
-    port = kwargs.pop("port", None) or free_port()
-    server = launch_server(server_command(model_path, port=port, **kwargs), **launch_kw)
+    fixed_port = kwargs.pop("port", None)
+    for attempt in range(3):
+        port = fixed_port or free_port()
+        try:
+            server = launch_server(server_command(model_path, port=port, **kwargs), **launch_kw)
+            break
+        except PortInUse:  # another process took the port first: try a new one
+            if fixed_port or attempt == 2:
+                raise
     try:
         yield server
     finally:
