@@ -29,7 +29,7 @@ QUESTIONS = [
 
 def main(argv=None) -> int:
     from sglang_dsde import models
-    from sglang_dsde.testing import cpu_server_env, running_server
+    from sglang_dsde.serving import cpu_server_env, running_server
 
     ap = argparse.ArgumentParser(prog="python -m sglang_dsde.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--algorithm", default="DSDE", help="DSDE (default) or STANDALONE")
