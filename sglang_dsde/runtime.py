@@ -153,7 +153,8 @@ class DSDERuntime:
     def on_verify(self, slots: torch.Tensor, steps: int, target_logits: torch.Tensor,
                   accept_lens: torch.Tensor, temperature: Optional[torch.Tensor] = None
                   ) -> torch.Tensor:
-        """Feed one verify round; return each request's SL for its next round ``[bs]``.
+        """Feed one verify round; return each request's SL for its next round ``[bs]``
+        (at least ``min_runnable_steps``).
 
         ``target_logits``: ``[bs * (steps + 1), V]``, row ``b * (steps + 1) + j`` the target
         distribution after node j; ``accept_lens``: accepted drafts + 1 (the bonus).
@@ -180,7 +181,9 @@ class DSDERuntime:
         self.last_req_mean_kl = torch.where(usable, drafted_kl.mean(dim=1), float("nan"))
         self.num_rounds += 1
         self._push_decision(torch.stack([req_steps.max(), (~usable).sum(), decision.cap]))
-        return req_steps
+        # Reported as what will run (meta_info ``dsde_sl``): a request the policy would not
+        # draft for still drafts ``min_runnable_steps``.
+        return req_steps.clamp_min(self.min_runnable_steps)
 
     # -- decisions to the host --------------------------------------------------------
 

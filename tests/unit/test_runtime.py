@@ -153,3 +153,12 @@ def test_a_decision_below_the_runnable_floor_runs_and_is_counted_as_the_floor():
                           min_runnable_steps=1)
     assert runtime.next_batch_steps(torch.tensor([0, 1])) == 1
     assert runtime.stats()["batch_steps_histogram"] == {"1": 1}
+
+
+def test_reported_next_lengths_are_what_the_engine_will_run():
+    config = DSDEConfig(policy="static", min_steps=0, initial_steps=0, max_steps=4)
+    runtime = DSDERuntime(config, max_slots=4, max_rows=4, vocab_size=VOCAB, initial_steps=0,
+                          min_runnable_steps=1)
+    _, _, req_steps, _ = play_round(runtime, [0, 2], 1, torch.Generator().manual_seed(0))
+    assert req_steps.tolist() == [1, 1]
+    assert runtime.policy.steps_for(torch.tensor([0, 2])).tolist() == [0, 0]  # policy's own
