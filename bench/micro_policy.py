@@ -91,7 +91,8 @@ class RoundInputs:
 
     def _round(self, kl):
         if self.goodput:
-            self.policy.batch_steps_for(self.slots, entropy_of_logits(self.first_draft))
+            self.policy.observe_first_entropy(self.slots, entropy_of_logits(self.first_draft))
+            self.policy.batch_steps_for(self.slots)
         decision = self.policy.update(self.slots, self.drafted, self.accepted, req_kl=kl,
                                       req_temperature=self.temperature)
         if self.goodput:

@@ -210,16 +210,14 @@ class DSDERuntime:
         gets it here, from the distributions kept by slot.
         """
         slots = slots.to(self.device, torch.int64)
-        entropy = None
         if self.policy.needs_first_entropy and slots.shape[0]:
-            entropy = entropy_of_logits(self.slot_first_draft[slots])
+            self.policy.observe_first_entropy(slots,
+                                              entropy_of_logits(self.slot_first_draft[slots]))
         if self.lag_rounds == 0:
             self._read_pending(keep=0)
-            steps = (int(self.policy.batch_steps_for(slots, entropy))
+            steps = (int(self.policy.batch_steps_for(slots))
                      if slots.shape[0] else self.initial_steps)
         else:
-            if entropy is not None:  # stored for the calibration; the result is not read
-                self.policy.batch_steps_for(slots, entropy)
             if len(self._pending) <= self.lag_rounds:
                 steps = self.initial_steps
             else:

@@ -14,8 +14,9 @@ Contract (``Controller``), called by ``simulator.simulate`` once per round:
 
 ``PolicyController`` drives any policy of ``sglang_dsde.core`` (``make_policy``: the SAME
 objects the engine runs): ``steps_for`` gives each request's SL, ``batch_steps_for`` the
-batch's step count (their max, or the policy's own batch decision; it gets the recorded
-first-draft entropies when the policy reads them), ``update`` receives drafted/accepted
+batch's step count (their max, or the policy's own batch decision; before it,
+``observe_first_entropy`` gets the recorded first-draft entropies when the policy reads
+them), ``update`` receives drafted/accepted
 counts, the recorded KL rows (``req_kl``) and draft entropies (``req_draft_entropy``),
 temperature 0; ``observe_cost`` passes the round's cost on (``observe_round``). ``HindsightGreedyController``
 knows the trace: each round it drafts the batch step count that maximises this round's
@@ -90,12 +91,11 @@ class PolicyController(Controller):
     def plan(self, batch):
         slots = self._slots(batch)
         req_steps = self.policy.steps_for(slots).numpy().astype(np.int64)
-        first_entropy = None
         if self.policy.needs_first_entropy and all(r.trace.draft_entropy is not None
                                                    for r in batch):
-            first_entropy = torch.tensor([float(r.trace.draft_entropy[r.pos][0])
-                                          for r in batch], dtype=torch.float64)
-        batch_steps = int(self.policy.batch_steps_for(slots, first_entropy))
+            self.policy.observe_first_entropy(slots, torch.tensor(
+                [float(r.trace.draft_entropy[r.pos][0]) for r in batch], dtype=torch.float64))
+        batch_steps = int(self.policy.batch_steps_for(slots))
         if self.per_request_cut:
             return req_steps, batch_steps
         return np.full(len(batch), batch_steps, dtype=np.int64), batch_steps

@@ -89,7 +89,8 @@ def test_decision_is_the_argmax_of_expected_tokens_per_cost():
                    req_kl=torch.rand(3, 6, generator=gen, dtype=torch.float64))
         pol.observe_round(3, 5, 0.05)
     entropy = torch.tensor([0.2, 1.2, 3.5], dtype=torch.float64)
-    steps = int(pol.batch_steps_for(slots, entropy))
+    pol.observe_first_entropy(slots, entropy)
+    steps = int(pol.batch_steps_for(slots))
     surv = pol.calibration.survival(pol.acceptance_rate(slots), entropy, 6, HISTORY_WEIGHT)
     tokens = [3.0 + float(surv[:, :k].sum()) for k in range(7)]
     cost = pol.round_cost.predict(3, 6).tolist()
@@ -102,7 +103,9 @@ def run_closed_loop(pol, accept_fn, cost, rounds=400, bs=4, entropy_fn=None):
     chosen = []
     for r in range(rounds):
         entropy = entropy_fn(r) if entropy_fn else None
-        k = int(pol.batch_steps_for(slots, entropy))
+        if entropy is not None:
+            pol.observe_first_entropy(slots, entropy)
+        k = int(pol.batch_steps_for(slots))
         chosen.append(k)
         acc = torch.tensor([accept_fn(r, k, i) for i in range(bs)])
         kl = torch.where(torch.arange(6).unsqueeze(0) < acc.unsqueeze(1), 0.01, 3.0)

@@ -64,7 +64,8 @@ def test_round_path_has_no_host_sync(policy):
             drafted = torch.tensor([10, 4, 0])
             temps = torch.tensor([0.0, 0.8, 1.0])
             pol.steps_for(slots)
-            pol.batch_steps_for(slots, torch.tensor([0.3, float("nan"), 2.0]))
+            pol.observe_first_entropy(slots, torch.tensor([0.3, float("nan"), 2.0]))
+            pol.batch_steps_for(slots)
             kl, entropy = kl_per_position(target, draft, drafted, temps, chunk_cols=128,
                                           with_draft_entropy=True)
             decision = pol.update(slots, drafted, torch.tensor([3, 4, 0]), req_kl=kl,

@@ -5,6 +5,7 @@ Per-request state lives in device tensors indexed by *slot* (an int in ``[0, max
 SGLang's ``req_pool_indices``). A round goes::
 
     req_steps = policy.steps_for(slots)            # [bs] SL of each request this round
+    policy.observe_first_entropy(slots, entropy)   # only when needs_first_entropy
     steps = policy.batch_steps_for(slots)          # the batch's step count (default: max)
     ... draft ``steps`` steps, verify ...
     policy.observe_round(bs, steps, seconds)       # the round's measured time (host)
@@ -61,7 +62,7 @@ class SpecPolicy:
     needs_kl = False
     #: Whether ``update`` reads ``req_draft_entropy``.
     needs_draft_entropy = False
-    #: Whether ``batch_steps_for`` reads ``req_first_entropy``.
+    #: Whether the policy reads ``observe_first_entropy``.
     needs_first_entropy = False
 
     def __init__(self, cfg: DSDEConfig, *, max_slots: int, device, initial_steps: int):
@@ -82,12 +83,14 @@ class SpecPolicy:
         """``[bs]`` int64: the SL of each request of this batch for the coming round."""
         return self.req_steps[slots]
 
-    def batch_steps_for(self, slots: torch.Tensor,
-                        req_first_entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def observe_first_entropy(self, slots: torch.Tensor,
+                              req_first_entropy: torch.Tensor) -> None:
+        """``[bs]`` entropy (nats) of each request's first draft distribution for the
+        coming round (known before drafting; NaN: unknown). Default: ignored."""
+
+    def batch_steps_for(self, slots: torch.Tensor) -> torch.Tensor:
         """0-dim int64: the step count a batch of ``slots`` drafts in the coming round.
 
-        ``req_first_entropy`` ``[bs]``: the entropy (nats) of each request's first draft
-        distribution for this round (known before drafting), when ``needs_first_entropy``.
         Default: the largest SL of the batch (0 for an empty batch). The engine reads it
         once per round; the simulator calls it too.
         """

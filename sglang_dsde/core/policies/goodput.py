@@ -76,7 +76,8 @@ class GoodputPolicy(SpecPolicy):
         #: ``[slots]`` WVIR of each slot's KL history after its last drafted round.
         self.stability = torch.ones(slots, **zeros)
         #: ``[slots]`` entropy of each slot's first draft distribution for its coming round
-        #: (NaN: unknown); set by ``batch_steps_for``, read back by ``update``.
+        #: (NaN: unknown); set by ``observe_first_entropy``, read by the decision and
+        #: by ``update``.
         self.first_entropy = torch.full((slots,), float("nan"), **zeros)
         #: Verify rounds seen (the exploration schedule).
         self.num_rounds = torch.zeros((), dtype=torch.int64, device=dev)
@@ -125,11 +126,13 @@ class GoodputPolicy(SpecPolicy):
         tokens = bs + torch.cat([zero, survival.sum(dim=0).cumsum(dim=0)])
         return tokens / self.round_cost.predict(bs, cfg.max_steps).clamp_min(1e-12)
 
-    def batch_steps_for(self, slots: torch.Tensor,
-                        req_first_entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def observe_first_entropy(self, slots: torch.Tensor,
+                              req_first_entropy: torch.Tensor) -> None:
+        self.first_entropy[self._ints(slots)] = req_first_entropy.to(self.device,
+                                                                      torch.float64)
+
+    def batch_steps_for(self, slots: torch.Tensor) -> torch.Tensor:
         slots = self._ints(slots)
-        if req_first_entropy is not None:
-            self.first_entropy[slots] = req_first_entropy.to(self.device, torch.float64)
         if slots.shape[0] == 0:
             return torch.zeros((), dtype=torch.int64, device=self.device)
         cfg = self.cfg
