@@ -55,8 +55,8 @@ class DSDERuntime:
         self.max_rows = int(max_rows)
         self.initial_steps = int(initial_steps)
         self.lag_rounds = int(lag_rounds)
-        #: The smallest step count the engine can run (SGLang's STANDALONE rounds always
-        #: draft at least 1): a policy's decision below it runs as this many.
+        #: The smallest step count the engine can run (its pre-built states start there:
+        #: 0 is the no-drafting state): a policy's decision below it runs as this many.
         self.min_runnable_steps = int(min_runnable_steps)
         self.policy = make_policy(cfg, max_slots=max_slots, device=self.device,
                                   default_initial_steps=initial_steps)
@@ -79,6 +79,8 @@ class DSDERuntime:
         self.batch_steps_histogram: dict = {}
         #: ``(batch size, steps, host clock)`` of the decode round in flight (timing).
         self._round_clock: Optional[Tuple[int, int, float]] = None
+        #: Step counts whose first (warm-up) round has run; see ``on_decode_round_start``.
+        self._warm_steps: set = set()
 
     # -- request lifetime -------------------------------------------------------------
 
@@ -169,18 +171,21 @@ class DSDERuntime:
         num_drafted = torch.full((bs,), steps, dtype=torch.int64, device=self.device)
         kl = kl_per_position(target, draft, num_drafted, temperature)
         drafted_kl = kl[:, :steps]
-        usable = torch.isfinite(drafted_kl).all(dim=1) & (num_drafted > 0)
+        # A round of 0 steps (the no-drafting state) has nothing to check: finite, and
+        # its decision stands; non-finite logits skip the signal and fall back.
+        finite = torch.isfinite(drafted_kl).all(dim=1)
+        usable = finite & (num_drafted > 0)
         num_accepted = (accept_lens.to(self.device, torch.int64) - 1).clamp(0, steps)
         decision = self.policy.update(
             slots, torch.where(usable, num_drafted, 0), torch.where(usable, num_accepted, 0),
             req_kl=torch.where(usable.unsqueeze(1), drafted_kl, 0.0),
             req_temperature=temperature)
-        req_steps = torch.where(usable, decision.req_steps, self.initial_steps)
+        req_steps = torch.where(finite, decision.req_steps, self.initial_steps)
         self.policy.req_steps[slots] = req_steps
         #: ``[bs]`` mean KL of each request's drafted positions this round (NaN: skipped).
         self.last_req_mean_kl = torch.where(usable, drafted_kl.mean(dim=1), float("nan"))
         self.num_rounds += 1
-        self._push_decision(torch.stack([req_steps.max(), (~usable).sum(), decision.cap]))
+        self._push_decision(torch.stack([req_steps.max(), (~finite).sum(), decision.cap]))
         # Reported as what will run (meta_info ``dsde_sl``): a request the policy would not
         # draft for still drafts ``min_runnable_steps``.
         return req_steps.clamp_min(self.min_runnable_steps)
@@ -234,8 +239,13 @@ class DSDERuntime:
         previous decode round started, when nothing else ran in between, is that round's
         cost; the policy learns its round-cost model from it (``observe_round``)."""
         previous = self._round_clock
-        if previous is not None:
+        # The first round a runtime state runs pays one-off work (lazy buffers, first
+        # kernels: ~20x a round on CPU); as a cost sample it would make that step count
+        # look expensive for hundreds of rounds, so it is not one.
+        if previous is not None and previous[1] in self._warm_steps:
             self.policy.observe_round(previous[0], previous[1], now - previous[2])
+        if previous is not None:
+            self._warm_steps.add(previous[1])
         self._round_clock = (int(batch_size), int(steps), float(now))
 
     def on_other_work(self) -> None:

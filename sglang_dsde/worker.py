@@ -142,7 +142,10 @@ def _define_worker_class() -> type:
             self.dsde_config = args.dsde_config_of(server_args)
             self.dsde_initial_steps = self.speculative_num_steps
             cfg = self.dsde_config
-            candidates = list(range(max(1, cfg.min_steps), cfg.max_steps + 1))
+            # Step 0 is SGLang's no-drafting state: a one-token verify (a plain decode
+            # through the verify path) plus the draft extend that keeps the draft's KV
+            # and the next first-draft distribution current.
+            candidates = list(range(cfg.min_steps, cfg.max_steps + 1))
             self._schedule = _StepSchedule(candidates, self.speculative_num_steps)
             self.adaptive_controller = AdaptiveController(self, self._schedule)
             self.dsde: Optional[DSDERuntime] = None
@@ -194,8 +197,6 @@ def _define_worker_class() -> type:
                 # Under overlap scheduling the CPU runs one round ahead of the GPU.
                 lag_rounds=0 if resolution_result(self.server_args,
                                                   "disable_overlap_schedule") else 1,
-                # Only pre-built states can run: a policy allowed down to 0 steps drafts
-                # 1 until a no-drafting state exists (issue 8).
                 min_runnable_steps=self._schedule.candidate_steps[0])
             runtime = self.dsde
 

@@ -1,14 +1,23 @@
 """The round-cost model the goodput policy learns online from the engine's own timings.
 
-A decode round of ``bs`` requests drafting ``k`` tokens each (``k = 0``: a plain decode
-step, no draft call) costs, in the engine's clock::
+A decode round of ``bs`` requests drafting ``k`` tokens each (``k = 0``: no draft call;
+on SGLang that state still verifies the bonus token and runs the draft extend) costs, in
+the engine's clock::
 
-    cost(bs, k) = k * (d0 + d1 * bs)          # draft decode steps
-                + v0 + v1 * bs * (k + 1)      # the target's verify of bs * (k + 1) tokens
+    cost(bs, k) = k * d0                      # draft decode steps (the batch's fixed part)
+                + k * bs * d1                 # one more drafted token of one request: its
+                                              #   draft row, verify row and extend row
+                + v0 + v1 * bs                # the round itself, and each request in it
                 + [k > 0] * (e0 + e1 * bs)    # fixed cost of a speculative round
 
-(``round_feature_list`` gives the six features; the simulator's ``LinearRoundCost`` uses
-the same ones, so the model it learns can match the one it is simulated with.)
+A request in the batch (``v1``: its own attention over its context, its sampling, its
+per-request bookkeeping) costs far more than one more token of a request already there
+(``d1``) on a CPU, where the per-request paths are loops; a model that charged every
+verified token the same (``v1 * bs * (k + 1)``) would, with non-negative coefficients,
+learn from the batch-size slope that drafting is as dear as adding requests, and stop
+drafting at larger batches where it pays (measured on the SmolLM2 pair, batch 4: one
+draft adds ~10% to a no-drafting round, that model predicted ~50%).
+``round_feature_list`` gives the six features.
 
 ``OnlineRoundCost`` fits the six non-negative coefficients by exponentially forgotten
 least squares on *relative* errors (each timing t weighs ``1 / t^2``, so a round of 1
@@ -34,9 +43,9 @@ import torch
 #: Coefficient names, in feature order.
 ROUND_COEFS = ("d0", "d1", "v0", "v1", "e0", "e1")
 #: Prior shape in units of one target decode step at batch 1 (v0 + v1 ~ 1): a draft step
-#: ~ 1/8 of it, verify per extra token ~ 5% (between a memory-bound GPU, ~1%, and this
-#: CPU, ~20%), and a small fixed speculation overhead (the draft extend).
-PRIOR_SHAPE = (0.12, 0.004, 0.95, 0.05, 0.08, 0.004)
+#: ~ 1/8 of it, one more drafted token of a request ~ 5% (between a memory-bound GPU, ~1%,
+#: and this CPU, ~20%), and a small fixed speculation overhead (the draft extend).
+PRIOR_SHAPE = (0.12, 0.054, 0.95, 0.05, 0.08, 0.004)
 #: Total weight of the prior, in rounds (the data's weight tends to 1 / (1 - memory)).
 PRIOR_ROUNDS = 1.0
 #: Forgetting factor per observed round.
@@ -56,7 +65,7 @@ def round_feature_list(batch_size, batch_steps) -> list:
     """
     bs, k = batch_size, batch_steps
     spec = (k > 0) * 1.0
-    return [k * 1.0, k * bs, k * 0.0 + 1.0, bs * (k + 1), spec, spec * bs]
+    return [k * 1.0, k * bs, k * 0.0 + 1.0, bs * 1.0, spec, spec * bs]
 
 
 class OnlineRoundCost:

@@ -35,7 +35,8 @@ from typing import Iterable, Protocol, Sequence, Tuple
 
 import numpy as np
 
-from ..core.round_cost import ROUND_COEFS, round_feature_list
+#: Coefficient names of ``LinearRoundCost.round`` in ``round_features`` order.
+ROUND_COEFS = ("d0", "d1", "v0", "v1", "e0", "e1")
 
 
 class RoundCost(Protocol):
@@ -52,11 +53,17 @@ class RoundCost(Protocol):
 
 
 def round_features(batch_size, batch_steps) -> np.ndarray:
-    """``[..., 6]`` features whose dot product with ``ROUND_COEFS`` values is the cost
-    (the same features the goodput policy's online model fits: ``round_feature_list``)."""
+    """``[..., 6]`` features whose dot product with ``ROUND_COEFS`` values is the cost.
+
+    These describe the simulated *world* by its parts (draft step, verify of every token,
+    speculation overhead). The goodput policy's online model
+    (``core.round_cost.round_feature_list``) spans the same functions in another basis
+    (per request and per drafted token of a request), whose non-negative cone is the
+    wider one, so it can represent every world here."""
     bs = np.asarray(batch_size, dtype=np.float64)
     k = np.asarray(batch_steps, dtype=np.float64)
-    return np.stack(np.broadcast_arrays(*round_feature_list(bs, k)), axis=-1)
+    spec = (k > 0).astype(np.float64)
+    return np.stack([k, k * bs, np.ones_like(k), bs * (k + 1), spec, spec * bs], axis=-1)
 
 
 @dataclass(frozen=True)

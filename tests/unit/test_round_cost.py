@@ -20,9 +20,32 @@ def feed(model, cost, points):
         model.observe(bs, k, cost.round(bs, k))
 
 
-def test_features_are_the_simulators():
+def test_every_simulated_world_has_a_non_negative_representation():
+    """The simulator's parts (a verify charged per token) map onto the policy's basis (per
+    request, per drafted token of a request) with coefficients that stay >= 0."""
     bs, k = np.array([1.0, 3.0, 8.0, 8.0]), np.array([0.0, 2.0, 0.0, 5.0])
-    assert np.allclose(np.stack(round_feature_list(bs, k), axis=-1), round_features(bs, k))
+    world = TRUE.coefs()
+    d0, d1, v0, v1, e0, e1 = world
+    learner = np.array([d0, d1 + v1, v0, v1, e0, e1])
+    assert (learner >= 0).all()
+    assert np.allclose(np.stack(round_feature_list(bs, k), axis=-1) @ learner,
+                       round_features(bs, k) @ world)
+
+
+def test_a_request_dearer_than_a_drafted_token_still_prices_drafting_at_larger_batches():
+    """The engine's pattern: no-drafting rounds at batch 1..4, drafting seen at batch 1
+    only; a request costs 0.015, one more drafted token of one request 0.002. The price
+    of one draft at batch 4 comes out within 5% (+24%; a basis that charges every
+    verified token as much as a request says +39%)."""
+    def world(bs, k):
+        return 0.05 + 0.015 * bs + k * (0.008 + 0.002 * bs) + (k > 0) * 0.01
+
+    model = OnlineRoundCost("cpu")
+    for bs, k in ([(b, 0) for b in (1, 2, 3, 4)] + [(1, k) for k in (1, 2, 3)]) * 10:
+        model.observe(bs, k, world(bs, k))
+    predicted = model.predict(4, 1)
+    assert float(predicted[1] / predicted[0]) == pytest.approx(world(4, 1) / world(4, 0),
+                                                               rel=0.05)
 
 
 def test_before_any_timing_it_predicts_the_prior_shape():

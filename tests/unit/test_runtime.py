@@ -139,12 +139,26 @@ def test_goodput_runtime_reads_first_draft_entropy_and_learns_round_times():
     entropy = runtime.policy.first_entropy[slots]
     assert abs(float(entropy[0]) - math.log(VOCAB)) < 1e-4 and float(entropy[1]) < 1e-3
     pol = runtime.policy
-    for t, (bs, steps) in enumerate([(2, 2), (2, 3), (2, 2)]):
+    # The first round of each step count is a warm-up (one-off work): not timed.
+    for t, (bs, steps) in enumerate([(2, 2), (2, 3), (2, 2), (2, 3), (2, 2)]):
         runtime.on_decode_round_start(bs, steps, 10.0 + 0.5 * t)
-    assert float(pol.round_cost.num_samples) == 2       # two completed rounds timed
+    assert float(pol.round_cost.num_samples) == 2       # rounds 3 and 4 timed
     runtime.on_other_work()                             # a prefill ran: no sample
     runtime.on_decode_round_start(2, 2, 100.0)
     assert float(pol.round_cost.num_samples) == 2
+
+
+def test_a_round_of_zero_steps_keeps_its_decision_and_skips_nothing():
+    """The no-drafting state verifies only the bonus token: no signal, not a fault."""
+    runtime = make_runtime(policy="goodput", min_steps=0)
+    slots = torch.tensor([0, 3])
+    runtime.on_slots_allocated(slots)
+    gen = torch.Generator().manual_seed(4)
+    _, _, req_steps, _ = play_round(runtime, [0, 3], 0, gen, accept_lens=torch.tensor([1, 1]))
+    decided = runtime.policy.steps_for(slots)
+    assert req_steps.tolist() == decided.tolist()
+    assert runtime.num_skipped_signals == 0
+    assert torch.isnan(runtime.last_req_mean_kl).all()  # nothing drafted, no KL
 
 
 def test_a_decision_below_the_runnable_floor_runs_and_is_counted_as_the_floor():
