@@ -9,6 +9,7 @@ the engine's clock::
                                               #   draft row, verify row and extend row
                 + v0 + v1 * bs                # the round itself, and each request in it
                 + [k > 0] * (e0 + e1 * bs)    # fixed cost of a speculative round
+                + [k = 0] * n1 * bs           # the no-drafting state's own cost per request
 
 A request in the batch (``v1``: its own attention over its context, its sampling, its
 per-request bookkeeping) costs far more than one more token of a request already there
@@ -17,9 +18,12 @@ verified token the same (``v1 * bs * (k + 1)``) would, with non-negative coeffic
 learn from the batch-size slope that drafting is as dear as adding requests, and stop
 drafting at larger batches where it pays (measured on the SmolLM2 pair, batch 4: one
 draft adds ~10% to a no-drafting round, that model predicted ~50%).
-``round_feature_list`` gives the six features.
+SGLang's no-drafting state is its own code path (a one-token verify, then the draft
+extend) and may cost more per request than the drafting states' linear trend says
+(``n1``; same server, interleaved states, batch 1 -> 4: +54 ms at k = 0, +30 ms at k = 1).
+``round_feature_list`` gives the seven features.
 
-``OnlineRoundCost`` fits the six non-negative coefficients by exponentially forgotten
+``OnlineRoundCost`` fits the seven non-negative coefficients by exponentially forgotten
 least squares on *relative* errors (each timing t weighs ``1 / t^2``, so a round of 1
 request counts as much as a round of 64), regularised toward a *prior shape* scaled to
 the data: before any timing it predicts the prior (relative units, a target decode step
@@ -27,7 +31,7 @@ the data: before any timing it predicts the prior (relative units, a target deco
 design points, so the system is always well posed (directions the policy never explores
 stay at the prior's shape times the learned scale) and does not wind up under
 forgetting. Each ``observe`` is a rank-one update plus one batched solve on the device
-(the exact non-negative solution over all 64 sets of free coefficients; ``solve_ex``: no
+(the exact non-negative solution over all 128 sets of free coefficients; ``solve_ex``: no
 error check, so no host synchronisation). The argmax of tokens per unit of cost does not
 depend on the unit, so only the shape must be right early on.
 
@@ -41,11 +45,12 @@ from __future__ import annotations
 import torch
 
 #: Coefficient names, in feature order.
-ROUND_COEFS = ("d0", "d1", "v0", "v1", "e0", "e1")
+ROUND_COEFS = ("d0", "d1", "v0", "v1", "e0", "e1", "n1")
 #: Prior shape in units of one target decode step at batch 1 (v0 + v1 ~ 1): a draft step
 #: ~ 1/8 of it, one more drafted token of a request ~ 5% (between a memory-bound GPU, ~1%,
-#: and this CPU, ~20%), and a small fixed speculation overhead (the draft extend).
-PRIOR_SHAPE = (0.12, 0.054, 0.95, 0.05, 0.08, 0.004)
+#: and this CPU, ~20%), a small fixed speculation overhead, and no extra cost of the
+#: no-drafting state.
+PRIOR_SHAPE = (0.12, 0.054, 0.95, 0.05, 0.08, 0.004, 0.0)
 #: Total weight of the prior, in rounds (the data's weight tends to 1 / (1 - memory)).
 PRIOR_ROUNDS = 1.0
 #: Forgetting factor per observed round.
@@ -58,14 +63,14 @@ _PRIOR_STEPS = (0.0, 1.0, 3.0, 8.0)
 
 
 def round_feature_list(batch_size, batch_steps) -> list:
-    """The six features of ``cost(bs, k)`` (module docstring), element-wise.
+    """The seven features of ``cost(bs, k)`` (module docstring), element-wise.
 
     Works on numbers, numpy arrays and torch tensors alike (operators only); the caller
     stacks them with its own library.
     """
     bs, k = batch_size, batch_steps
     spec = (k > 0) * 1.0
-    return [k * 1.0, k * bs, k * 0.0 + 1.0, bs * 1.0, spec, spec * bs]
+    return [k * 1.0, k * bs, k * 0.0 + 1.0, bs * 1.0, spec, spec * bs, (1.0 - spec) * bs]
 
 
 class OnlineRoundCost:
@@ -85,8 +90,9 @@ class OnlineRoundCost:
         weight = prior_rounds / x0.shape[0]
         self._prior_gram = weight * rows.T @ rows
         self._prior_rhs = weight * rows.sum(dim=0)
-        self._gram = torch.zeros(6, 6, **f64)
-        self._rhs = torch.zeros(6, **f64)
+        num = len(ROUND_COEFS)
+        self._gram = torch.zeros(num, num, **f64)
+        self._rhs = torch.zeros(num, **f64)
         #: Forgotten sums of observed seconds and of the prior's prediction for them.
         self._sum_seconds = torch.zeros((), **f64)
         self._sum_prior = torch.zeros((), **f64)
@@ -131,8 +137,8 @@ class OnlineRoundCost:
 def _solve_nonnegative(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """argmin of ``c.G.c/2 - r.c`` over ``c >= 0`` (G positive definite), exactly.
 
-    With six coefficients every subset of free ones can be tried at once: one batched
-    solve of 2^6 systems (the pinned coefficients' rows and columns replaced by the
+    With seven coefficients every subset of free ones can be tried at once: one batched
+    solve of 2^7 systems (the pinned coefficients' rows and columns replaced by the
     identity), then the feasible solution with the lowest objective wins. No host
     synchronisation, no iteration count to tune.
     """
