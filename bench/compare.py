@@ -78,7 +78,7 @@ def contenders_for(static_steps: Sequence[int], dsde_max_steps: int = DSDE_MAX_S
             Contender("dsde", "DSDE", dsde_max_steps, dsde + ("--dsde-policy", "dsde")),
             Contender("dsde+cut", "DSDE", dsde_max_steps,
                       dsde + ("--dsde-policy", "dsde", "--dsde-per-request-cut")),
-            # min_steps 0: the policy may choose not to draft (the worker drafts 1 then).
+            # min_steps 0: the policy may choose not to draft (SGLang's step-0 state).
             Contender("goodput", "DSDE", dsde_max_steps,
                       dsde + ("--dsde-policy", "goodput", "--dsde-min-steps", "0"))]
     return out

@@ -186,8 +186,8 @@ class DSDERuntime:
         self.last_req_mean_kl = torch.where(usable, drafted_kl.mean(dim=1), float("nan"))
         self.num_rounds += 1
         self._push_decision(torch.stack([req_steps.max(), (~finite).sum(), decision.cap]))
-        # Reported as what will run (meta_info ``dsde_sl``): a request the policy would not
-        # draft for still drafts ``min_runnable_steps``.
+        # Reported as what will run (meta_info ``dsde_sl``): below the engine's smallest
+        # pre-built state a request drafts ``min_runnable_steps``.
         return req_steps.clamp_min(self.min_runnable_steps)
 
     # -- decisions to the host --------------------------------------------------------

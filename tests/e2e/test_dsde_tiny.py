@@ -211,7 +211,23 @@ def test_default_goodput_policy_is_lossless_and_learns_round_costs(plain, tiny_m
     assert learned["timed_rounds"] > 10, learned
     assert max(learned["round_cost_coefs"].values()) < 0.5, learned
     assert learned["acceptance_rate"] != 0.5, learned
-    assert min(int(k) for k in state["batch_steps_histogram"]) >= 1  # no 0-draft state
+
+
+def test_goodput_stops_drafting_when_the_draft_is_useless_and_stays_lossless(
+        plain, tiny_models, server_logs):
+    """A random 1-layer draft is almost never accepted: the policy picks SGLang's
+    no-drafting state (step 0: verify the bonus token, run the draft extend) for most
+    rounds, and the output is still the target's."""
+    want = [r["output_ids"] for r in _generate_all(plain, PROMPTS)]
+    with running_server(tiny_models.target, draft_model_path=tiny_models.draft,
+                        algorithm="DSDE", num_steps=3, max_total_tokens=MAX_TOTAL_TOKENS,
+                        log_dir=server_logs, extra_args=["--dsde-max-steps", "6"]) as server:
+        got = [r["output_ids"] for r in _generate_all(server, PROMPTS)]
+        state = _dsde_state(server)
+    assert got == want
+    histogram = {int(k): v for k, v in state["batch_steps_histogram"].items()}
+    assert histogram.get(0, 0) > sum(histogram.values()) / 2, histogram
+    assert state["skipped_signals"] == 0, state  # a round without drafts is not a fault
 
 
 def test_per_request_cut_is_lossless(plain, tiny_models, server_logs):
