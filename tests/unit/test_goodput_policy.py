@@ -157,6 +157,19 @@ def test_exploration_probes_one_step_either_side_of_the_estimate():
     assert np.bincount(tail).max() >= 0.6 * len(tail)  # and the estimate dominates
 
 
+def test_a_batch_size_never_played_is_explored_like_a_young_server():
+    """Costs depend on the batch size: 200 rounds at batch 1 leave batch 4 (another size
+    class) with the frequent early probes, while batch 1 probes once in 32."""
+    def probes_in(pol, bs, rounds):
+        chosen = run_closed_loop(pol, lambda r, k, i: 0, GPU_LIKE, rounds=rounds, bs=bs)
+        return sum(k > 0 for k in chosen)
+
+    pol = goodput(goodput_probe_every=32)
+    probes_in(pol, 1, 200)
+    assert probes_in(pol, 1, 24) <= 1          # batch 1 is old: one probe in 32 at most
+    assert probes_in(pol, 4, 24) >= 4          # batch 4 is new: periods 2, 3, 4, ...
+
+
 def test_reset_returns_a_slot_to_the_server_prior():
     pol = goodput()
     slot = torch.tensor([1])

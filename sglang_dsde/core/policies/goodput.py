@@ -25,7 +25,8 @@ as in the paper's weights):
 ``K* = 0`` (no drafting) is allowed when ``min_steps`` is 0.
 
 Exploration: every ``goodput_probe_every`` rounds the batch drafts ``K* + 1``, and half a
-period later ``K* - 1`` (within bounds). Without it the estimates would only ever see the
+period later ``K* - 1`` (within bounds); more often while few rounds were played at the
+batch's size class (1, 2, 3-4, 5-8, ...), since costs, and so ``K*``, depend on it. Without it the estimates would only ever see the
 step count they chose: the cost model could not tell the slope of the cost in k from its
 intercept, and the depth profile would never see the depths beyond K* (nor, at K* = 0,
 any acceptance at all). Near the optimum a neighbouring step count costs little.
@@ -79,8 +80,11 @@ class GoodputPolicy(SpecPolicy):
         #: (NaN: unknown); set by ``observe_first_entropy``, read by the decision and
         #: by ``update``.
         self.first_entropy = torch.full((slots,), float("nan"), **zeros)
-        #: Verify rounds seen (the exploration schedule).
-        self.num_rounds = torch.zeros((), dtype=torch.int64, device=dev)
+        #: Verify rounds seen per batch-size class (the exploration schedule): what a
+        #: round costs, and so which K pays, changes with the batch size, and the cost
+        #: model knows a batch size only from rounds played at it.
+        self.rounds_by_bs_class = torch.zeros(_bs_class(slots) + 1, dtype=torch.int64,
+                                              device=dev)
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         super().reset_slots(slots)
@@ -138,11 +142,12 @@ class GoodputPolicy(SpecPolicy):
         cfg = self.cfg
         rates = self.expected_rates(slots)[cfg.min_steps:]
         best = rates.argmax() + cfg.min_steps
-        # Probe often while the estimates are young (period 2, 3, ... growing by one every
-        # 4 rounds up to the knob): the first rounds teach the cost slope.
-        period = torch.clamp(2 + self.num_rounds // 4, max=max(cfg.goodput_probe_every, 2))
+        # Probe often while the estimates for this batch size are young (period 2, 3, ...
+        # growing by one every 4 rounds up to the knob): the first rounds teach the slope.
+        num_rounds = self.rounds_by_bs_class[_bs_class(int(slots.shape[0]))]
+        period = torch.clamp(2 + num_rounds // 4, max=max(cfg.goodput_probe_every, 2))
         if cfg.goodput_probe_every:
-            phase = self.num_rounds % period
+            phase = num_rounds % period
             best = torch.where(phase == 0, (best + 1).clamp_max(cfg.max_steps), best)
             best = torch.where(phase == period // 2, (best - 1).clamp_min(cfg.min_steps), best)
         return best
@@ -190,10 +195,15 @@ class GoodputPolicy(SpecPolicy):
         values = self.history.values[slots, :self.cfg.window]
         ratio = wvir(values, age, count, self.weight_by_age, flat_value=1.0)
         self.stability[slots] = torch.where(drafted > 0, ratio, self.stability[slots])
-        self.num_rounds += 1
+        self.rounds_by_bs_class[_bs_class(bs)] += 1
 
         steps = self.batch_steps_for(slots)
         req_steps = steps.expand(bs).clone()
         self.req_steps[slots] = req_steps
         return PolicyDecision(req_steps, steps, torch.full((), -1, dtype=torch.int64,
                                                             device=self.device))
+
+
+def _bs_class(batch_size: int) -> int:
+    """Batch sizes 1, 2, 3-4, 5-8, 9-16, ... -> 0, 1, 2, 3, 4, ... (host ints)."""
+    return (int(batch_size) - 1).bit_length()
