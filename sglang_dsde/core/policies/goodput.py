@@ -26,10 +26,11 @@ as in the paper's weights):
 
 Exploration: every ``goodput_probe_every`` rounds the batch drafts ``K* + 1``, and half a
 period later ``K* - 1`` (within bounds); more often while few rounds were played at the
-batch's size class (1, 2, 3-4, 5-8, ...), since costs, and so ``K*``, depend on it. Without it the estimates would only ever see the
-step count they chose: the cost model could not tell the slope of the cost in k from its
-intercept, and the depth profile would never see the depths beyond K* (nor, at K* = 0,
-any acceptance at all). Near the optimum a neighbouring step count costs little.
+batch's size class (1, 2, 3-4, 5-8, ...), since costs, and so ``K*``, depend on it.
+Without it the estimates would only ever see the step count they chose: the cost model
+could not tell the slope of the cost in k from its intercept, and the depth profile would
+never see the depths beyond K* (nor, at K* = 0, any acceptance at all). Near the optimum
+a neighbouring step count costs little.
 
 All requests of the batch get ``K*`` (``req_steps``); the per-request cut does not apply
 (it could only lose accepted tokens the round has already paid for).
