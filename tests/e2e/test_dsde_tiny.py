@@ -192,15 +192,22 @@ def test_sglang_frontend_program(plain, dsde):
     assert answers[1]  # the program produced text
 
 
+def _default_policy_run(plain, target, draft, logs):
+    """Outputs of a plain server and of a DSDE server with no --dsde-policy (goodput), and
+    the DSDE server's state after the prompts."""
+    want = [r["output_ids"] for r in _generate_all(plain, PROMPTS)]
+    with running_server(target, draft_model_path=draft, algorithm="DSDE", num_steps=3,
+                        max_total_tokens=MAX_TOTAL_TOKENS, log_dir=logs,
+                        extra_args=["--dsde-max-steps", "6"]) as server:
+        got = [r["output_ids"] for r in _generate_all(server, PROMPTS)]
+        return want, got, _dsde_state(server)
+
+
 def test_default_goodput_policy_is_lossless_and_learns_round_costs(plain, tiny_models,
                                                                    server_logs):
     """No --dsde-policy: the cost-aware policy; it times rounds and learns acceptance."""
-    want = [r["output_ids"] for r in _generate_all(plain, PROMPTS)]
-    with running_server(tiny_models.target, draft_model_path=tiny_models.target,
-                        algorithm="DSDE", num_steps=3, max_total_tokens=MAX_TOTAL_TOKENS,
-                        log_dir=server_logs, extra_args=["--dsde-max-steps", "6"]) as server:
-        got = [r["output_ids"] for r in _generate_all(server, PROMPTS)]
-        state = _dsde_state(server)
+    want, got, state = _default_policy_run(plain, tiny_models.target, tiny_models.target,
+                                           server_logs)
     assert got == want
     assert state["policy"] == "goodput" and state["rounds"] > 0, state
     learned = state["learned"]
@@ -218,12 +225,8 @@ def test_goodput_stops_drafting_when_the_draft_is_useless_and_stays_lossless(
     """A random 1-layer draft is almost never accepted: the policy picks SGLang's
     no-drafting state (step 0: verify the bonus token, run the draft extend) for most
     rounds, and the output is still the target's."""
-    want = [r["output_ids"] for r in _generate_all(plain, PROMPTS)]
-    with running_server(tiny_models.target, draft_model_path=tiny_models.draft,
-                        algorithm="DSDE", num_steps=3, max_total_tokens=MAX_TOTAL_TOKENS,
-                        log_dir=server_logs, extra_args=["--dsde-max-steps", "6"]) as server:
-        got = [r["output_ids"] for r in _generate_all(server, PROMPTS)]
-        state = _dsde_state(server)
+    want, got, state = _default_policy_run(plain, tiny_models.target, tiny_models.draft,
+                                           server_logs)
     assert got == want
     histogram = {int(k): v for k, v in state["batch_steps_histogram"].items()}
     assert histogram.get(0, 0) > sum(histogram.values()) / 2, histogram
