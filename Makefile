@@ -38,7 +38,7 @@ test-e2e: env
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 demo: env
-	$(PY) -m sglang_dsde.demo
+	$(PY) -m tools.demo
 
 # Real-engine comparison (issue 7; bench/compare.py): every contender on a fresh CPU
 # server through sglang.bench_serving. bench-quick: mix, C 1/4, T 0 (~10 min on 2 cores).

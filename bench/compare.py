@@ -304,7 +304,7 @@ def _server_extra(c: Contender) -> List[str]:
 
 def run_contender(c: Contender, *, pair, datasets: Dict[str, Path], args,
                   work: Path, prompts) -> Tuple[List[dict], List[Tuple[int, int, float]], dict]:
-    from sglang_dsde.serving import running_server
+    from tools.serving import running_server
 
     rows, samples, extra = [], [], {}
     kw = c.server_kwargs(pair.draft)

@@ -96,7 +96,7 @@ def build_draft(spec: str, target):
 
 def default_models(args):
     if args.tiny:
-        from sglang_dsde.testing import make_tiny_llama
+        from tools.testing import make_tiny_llama
 
         cache = ROOT / ".cache" / "tiny"
         target = make_tiny_llama(cache / "tiny-target", num_layers=2, seed=0)

@@ -1,7 +1,7 @@
 """End-to-end fixtures: real SGLang CPU servers on loopback, started and stopped here.
 
 Every server is bounded (``--max-total-tokens``), runs ``--dtype float32`` and is polled
-on ``/health`` with a bounded start-up wait (``sglang_dsde.testing.launch_server``).
+on ``/health`` with a bounded start-up wait (``tools.testing.launch_server``).
 Servers are module-scoped, so at most one module's servers live at a time.
 """
 
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sglang_dsde.testing import make_tiny_llama
+from tools.testing import make_tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ import time
 import pytest
 import torch
 
-from sglang_dsde.testing import TINY_PROMPTS as PROMPTS
-from sglang_dsde.testing import make_tiny_llama, running_server
+from tools.testing import TINY_PROMPTS as PROMPTS
+from tools.testing import make_tiny_llama, running_server
 
 MAX_TOTAL_TOKENS = 4096
 # The paper's policy, with a short window so requests finish warm-up within a few rounds

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sglang_dsde import models
-from sglang_dsde.testing import CHAT_QUESTIONS, running_server
+from tools.testing import CHAT_QUESTIONS, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,8 +12,8 @@ import concurrent.futures as cf
 
 import pytest
 
-from sglang_dsde.testing import TINY_PROMPTS as PROMPTS
-from sglang_dsde.testing import ServerError, running_server
+from tools.testing import TINY_PROMPTS as PROMPTS
+from tools.testing import ServerError, running_server
 
 MAX_TOTAL_TOKENS = 1024
 

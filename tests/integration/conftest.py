@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglang_dsde.testing import make_tiny_llama
+from tools.testing import make_tiny_llama
 
 
 @pytest.fixture(scope="session")

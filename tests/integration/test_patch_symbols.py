@@ -1,7 +1,10 @@
-"""Every SGLang symbol a patch relies on still exists: an upgrade that moves one fails here.
+"""Every SGLang symbol a patch or the worker relies on still exists: an upgrade that moves
+one fails here.
 
-Each touch-point module in ``sglang_dsde.patches`` lists its ``HOOKED_SYMBOLS`` (dotted
-names: a module, optionally followed by attributes) and the release it was read against.
+Each touch-point module in ``sglang_dsde.patches``, and the worker package
+(``sglang_dsde.worker``: every SGLang object it subclasses, overrides or wraps at run
+time), lists its ``HOOKED_SYMBOLS`` (dotted names: a module, optionally followed by
+attributes) and the release it was read against.
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ import importlib
 
 import pytest
 
-from sglang_dsde import patches
+from sglang_dsde import patches, worker
 
-MODULES = patches.touch_point_modules()
+MODULES = patches.touch_point_modules() + [worker]
+
+
+_ABSENT = object()
 
 
 def resolve_dotted(name: str):
-    """Import the longest importable module prefix, then walk the attributes."""
+    """Import the longest importable module prefix, then walk the attributes (a class
+    attribute whose default is None resolves to None; a missing one raises)."""
     parts = name.split(".")
     for cut in range(len(parts), 0, -1):
         try:
@@ -24,7 +31,9 @@ def resolve_dotted(name: str):
         except ModuleNotFoundError:
             continue
         for attr in parts[cut:]:
-            obj = getattr(obj, attr)  # AttributeError names the moved symbol
+            obj = getattr(obj, attr, _ABSENT)
+            if obj is _ABSENT:
+                raise AttributeError(f"{name}: no attribute {attr!r}")
         return obj
     raise ModuleNotFoundError(name)
 
@@ -34,12 +43,13 @@ def test_every_touch_point_declares_its_release_and_symbols():
     for module in MODULES:
         assert module.SGLANG_VERSION_READ == "0.5.23", module.__name__
         assert isinstance(module.HOOKED_SYMBOLS, tuple) and module.HOOKED_SYMBOLS, module.__name__
-        assert callable(module.apply), module.__name__
+        assert module is worker or callable(module.apply), module.__name__
 
 
 @pytest.mark.parametrize("symbol", [s for m in MODULES for s in m.HOOKED_SYMBOLS])
 def test_hooked_symbol_exists_in_installed_sglang(symbol):
-    assert resolve_dotted(symbol) is not None
+    value = resolve_dotted(symbol)
+    assert value is not None or symbol.rsplit(".", 1)[1].startswith("_"), symbol
 
 
 def test_installed_sglang_is_the_release_the_patches_were_read_against():

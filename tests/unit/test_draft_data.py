@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 from sglang_dsde.draft import data  # noqa: E402
 from sglang_dsde.draft.fastattn import use_grouped_attention  # noqa: E402
-from sglang_dsde.testing import make_tiny_llama  # noqa: E402
+from tools.testing import make_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_summarise_per_kind():
 
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
-    from sglang_dsde.testing import make_tiny_llama
+    from tools.testing import make_tiny_llama
 
     d = tmp_path_factory.mktemp("pair")
     return make_tiny_llama(d / "t", num_layers=2), make_tiny_llama(d / "d", num_layers=1, seed=1)

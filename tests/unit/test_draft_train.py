@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sglang_dsde.draft import data, prepare, train  # noqa: E402
-from sglang_dsde.testing import make_tiny_llama  # noqa: E402
+from tools.testing import make_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from sglang_dsde import models
-from sglang_dsde.testing import make_tiny_llama
+from tools.testing import make_tiny_llama
 
 
 def test_cut_draft_keeps_the_first_layers_and_the_tokenizer(tmp_path):

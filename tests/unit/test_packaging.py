@@ -18,17 +18,19 @@ def test_every_package_folder_is_listed_in_setup_cfg():
     listed = set(setup_cfg()["options"]["packages"].split())
     on_disk = {".".join(("sglang_dsde",) + p.parent.relative_to(ROOT / "sglang_dsde").parts)
                for p in (ROOT / "sglang_dsde").rglob("__init__.py")}
-    on_disk |= {".".join(("sglang_dsde", "patches") + p.parent.relative_to(ROOT / "patches").parts)
-                for p in (ROOT / "patches").rglob("__init__.py")}
     assert on_disk <= listed, sorted(on_disk - listed)
 
 
-def test_patches_install_inside_the_package_namespace():
-    package_dir = setup_cfg()["options"]["package_dir"]
-    assert "sglang_dsde.patches = patches" in package_dir
+def test_patches_import_path_is_their_folder():
+    assert "package_dir" not in setup_cfg()["options"]
     import sglang_dsde.patches
 
-    assert Path(sglang_dsde.patches.__file__).resolve().parent == ROOT / "patches"
+    assert Path(sglang_dsde.patches.__file__).resolve().parent == ROOT / "sglang_dsde" / "patches"
+
+
+def test_tools_do_not_install_with_the_plugin():
+    listed = set(setup_cfg()["options"]["packages"].split())
+    assert all(name.startswith("sglang_dsde") for name in listed), listed
 
 
 def test_entry_point_and_pth_line():

@@ -15,7 +15,7 @@ import torch
 
 from sglang_dsde.sim.record import greedy_generate, record_request
 from sglang_dsde.sim.trace import check_request, run_violations
-from sglang_dsde.testing import make_tiny_llama
+from tools.testing import make_tiny_llama
 
 LOG_FLOOR = float(np.log(1e-8))
 

@@ -38,7 +38,7 @@ def test_selection_is_seeded_and_the_mix_is_half_and_half():
 def test_token_filter_and_chat_template(tmp_path):
     from transformers import AutoTokenizer
 
-    from sglang_dsde.testing import make_tiny_llama
+    from tools.testing import make_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(make_tiny_llama(tmp_path / "m", num_layers=1))
     prompts = load_workload("mix", 6, seed=0, tokenizer=tok, max_prompt_tokens=200)

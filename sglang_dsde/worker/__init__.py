@@ -1,0 +1,42 @@
+"""The adapter between SGLang's speculative path and DSDE: the one place outside
+``patches/`` that touches ``sglang.srt`` internals (read against SGLang 0.5.23).
+
+* ``spec_algo``: ``DSDESpecAlgo`` (how SGLang's scheduler sees ``--speculative-algorithm
+  DSDE``) and ``worker_factory``, which imports the worker class lazily (its base class
+  imports SGLang's model stack);
+* ``v2``: ``DSDEWorkerV2``, STANDALONE's V2 worker plus DSDE's signal, policy and step
+  switching (``sglang_dsde.runtime`` does the maths).
+
+``HOOKED_SYMBOLS`` lists every SGLang object this package subclasses, overrides, calls or
+wraps at run time; ``tests/integration/test_patch_symbols.py`` resolves each against the
+installed SGLang, so an upgrade that moves one fails there.
+"""
+
+from .spec_algo import DSDESpecAlgo, worker_factory
+
+SGLANG_VERSION_READ = "0.5.23"
+
+HOOKED_SYMBOLS = (
+    # spec_algo: the scheduler's view of the algorithm
+    "sglang.srt.speculative.spec_info.CustomSpecAlgo",
+    "sglang.srt.speculative.spec_info.CustomSpecAlgo.resolve_max_speculative_num_draft_tokens",
+    "sglang.srt.managers.overlap_utils.FutureMap",
+    "sglang.srt.arg_groups.overrides.resolution_result",
+    # v2: the worker's base class and the methods it overrides
+    "sglang.srt.speculative.standalone_worker_v2.StandaloneWorkerV2",
+    "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.forward_batch_generation",
+    "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.verify",
+    "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.init_cuda_graphs",
+    "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.apply_runtime_state",
+    "sglang.srt.speculative.adaptive_runtime_state.AdaptiveController",
+    # v2: objects wrapped on the running instances
+    "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.register_on_alloc_rows",
+    "sglang.srt.mem_cache.memory_pool.ReqToTokenPool._on_alloc_rows",
+    "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows",
+    "sglang.srt.model_executor.model_runner.ModelRunner.forward",
+    "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker.draft_forward",
+    "sglang.srt.speculative.eagle_draft_extend_cuda_graph_runner."
+    "EAGLEDraftExtendCudaGraphRunner.execute",
+)
+
+__all__ = ["DSDESpecAlgo", "HOOKED_SYMBOLS", "SGLANG_VERSION_READ", "worker_factory"]
