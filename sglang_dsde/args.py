@@ -17,13 +17,9 @@ import copy
 import logging
 from typing import Any
 
-from sglang_dsde.config import DSDEConfig, DSDEConfigError
+from sglang_dsde.config import DSDEConfig, DSDEConfigError, initial_steps_for
 
 logger = logging.getLogger(__name__)
-
-#: SL of a new request when neither --speculative-num-steps nor initial_steps is given
-#: (the replay's default in dsde-algorithm.md).
-DEFAULT_INITIAL_STEPS = 4
 #: SGLang's own default for speculative decoding (``_handle_eagle_family``).
 DEFAULT_MAX_RUNNING_REQUESTS = 48
 
@@ -36,9 +32,7 @@ def dsde_config_of(server_args: Any) -> DSDEConfig:
 def initial_steps_of(server_args: Any, cfg: DSDEConfig) -> int:
     """The static SL: --speculative-num-steps, else the initial_steps knob, else 4."""
     steps = getattr(server_args, "speculative_num_steps", None)
-    if steps is None:
-        steps = cfg.initial_steps or min(max(DEFAULT_INITIAL_STEPS, cfg.min_steps), cfg.max_steps)
-    return steps
+    return initial_steps_for(cfg) if steps is None else steps
 
 
 def validate_server_args(server_args: Any) -> None:

@@ -27,6 +27,10 @@ MAX_STEPS_LIMIT = 32
 MAX_WINDOW = 1024
 
 
+#: SL of a new request when neither the ``initial_steps`` knob nor a static length
+#: (``--speculative-num-steps``) says otherwise (clamped into the policy's range).
+DEFAULT_INITIAL_STEPS = 4
+
 #: ``min_steps`` when not given: the paper's floor of 2 for the policies that follow it.
 _POLICY_MIN_STEPS = {"dsde": 2, "adaedl": 2}
 
@@ -34,6 +38,17 @@ _POLICY_MIN_STEPS = {"dsde": 2, "adaedl": 2}
 def default_min_steps(policy: str) -> int:
     """The ``min_steps`` a config of ``policy`` gets when the knob is not set."""
     return _POLICY_MIN_STEPS.get(policy, 0)
+
+
+def initial_steps_for(cfg: "DSDEConfig", static_steps: Optional[int] = None) -> int:
+    """The SL a new request starts at: the ``initial_steps`` knob when set, else the static
+    length (``--speculative-num-steps``) when given, else ``DEFAULT_INITIAL_STEPS``
+    clamped into ``[min_steps, max_steps]``. The one definition (engine, simulator, replay)."""
+    if cfg.initial_steps is not None:
+        return int(cfg.initial_steps)
+    if static_steps is not None:
+        return int(static_steps)
+    return min(max(DEFAULT_INITIAL_STEPS, cfg.min_steps), cfg.max_steps)
 
 
 class DSDEConfigError(ValueError):

@@ -40,7 +40,7 @@ from typing import Deque, Optional, Tuple
 import torch
 
 from sglang_dsde.config import DSDEConfig
-from sglang_dsde.core import entropy_of_logits, kl_per_position, make_policy
+from sglang_dsde.core import PolicyDriver, entropy_of_logits, kl_per_position
 
 
 class DSDERuntime:
@@ -58,8 +58,10 @@ class DSDERuntime:
         #: The smallest step count the engine can run (its pre-built states start there:
         #: 0 is the no-drafting state): a policy's decision below it runs as this many.
         self.min_runnable_steps = int(min_runnable_steps)
-        self.policy = make_policy(cfg, max_slots=max_slots, device=self.device,
-                                  default_initial_steps=initial_steps)
+        self.driver = PolicyDriver.build(cfg, max_slots=max_slots, device=self.device,
+                                         static_steps=initial_steps,
+                                         min_runnable_steps=min_runnable_steps)
+        self.policy = self.driver.policy
         width = cfg.max_steps + 1
         #: The distribution that proposes each slot's next first draft token.
         self.slot_first_draft = torch.zeros(max_slots, self.vocab_size, dtype=logits_dtype,
@@ -87,13 +89,13 @@ class DSDERuntime:
     def on_slots_allocated(self, slots: torch.Tensor) -> None:
         """A new request took each slot: fresh policy state, no first draft yet."""
         slots = slots.to(self.device, torch.int64)
-        self.policy.reset_slots(slots)
+        self.driver.admit(slots)
         self.slot_in_use[slots] = True
 
     def on_slots_freed(self, slots: torch.Tensor) -> None:
         """Requests finished or were aborted: forget them (also reset at reuse)."""
         slots = slots.to(self.device, torch.int64)
-        self.policy.reset_slots(slots)
+        self.driver.release(slots)
         self.slot_in_use[slots] = False
 
     # -- one round ----------------------------------------------------------------------
@@ -147,7 +149,7 @@ class DSDERuntime:
         most k drafts. Lossless; it saves no compute (the batch still drafts and verifies
         its full width) and can only lower that request's accepted tokens.
         """
-        req_steps = self.policy.steps_for(slots.to(self.device, torch.int64))
+        req_steps = self.driver.req_steps(slots.to(self.device, torch.int64))
         req_steps = req_steps.to(retrieve_next_token.device)
         nodes = torch.arange(retrieve_next_token.shape[1], device=retrieve_next_token.device)
         retrieve_next_token.masked_fill_(nodes.unsqueeze(0) >= req_steps.unsqueeze(1), -1)
@@ -169,23 +171,25 @@ class DSDERuntime:
         target = target_logits.reshape(bs, width, self.vocab_size)
         draft = self.round_draft_logits(bs, steps)
         num_drafted = torch.full((bs,), steps, dtype=torch.int64, device=self.device)
-        kl = kl_per_position(target, draft, num_drafted, temperature)
-        drafted_kl = kl[:, :steps]
-        # A round of 0 steps (the no-drafting state) has nothing to check: finite, and
-        # its decision stands; non-finite logits skip the signal and fall back.
-        finite = torch.isfinite(drafted_kl).all(dim=1)
-        usable = finite & (num_drafted > 0)
+        # The KL is computed for every policy: it is reported (meta_info ``dsde_kl``) and
+        # tells a non-finite round from a usable one.
+        with_entropy = self.policy.needs_draft_entropy
+        out = kl_per_position(target, draft, num_drafted, temperature,
+                              with_draft_entropy=with_entropy)
+        kl, entropy = out if with_entropy else (out, None)
+        kl = kl[:, :steps]
+        entropy = entropy[:, :steps] if entropy is not None else None
         num_accepted = (accept_lens.to(self.device, torch.int64) - 1).clamp(0, steps)
-        decision = self.policy.update(
-            slots, torch.where(usable, num_drafted, 0), torch.where(usable, num_accepted, 0),
-            req_kl=torch.where(usable.unsqueeze(1), drafted_kl, 0.0),
-            req_temperature=temperature)
-        req_steps = torch.where(finite, decision.req_steps, self.initial_steps)
-        self.policy.req_steps[slots] = req_steps
+        # A round of 0 steps (the no-drafting state) has nothing to check; non-finite
+        # logits skip the request's signal and its SL falls back (the policy's preamble).
+        decision = self.driver.observe(slots, num_drafted, num_accepted, kl=kl,
+                                       temperature=temperature, draft_entropy=entropy)
+        req_steps = decision.req_steps
         #: ``[bs]`` mean KL of each request's drafted positions this round (NaN: skipped).
-        self.last_req_mean_kl = torch.where(usable, drafted_kl.mean(dim=1), float("nan"))
+        usable = torch.isfinite(kl).all(dim=1) & (num_drafted > 0)
+        self.last_req_mean_kl = torch.where(usable, kl.mean(dim=1), float("nan"))
         self.num_rounds += 1
-        self._push_decision(torch.stack([req_steps.max(), (~finite).sum(), decision.cap]))
+        self._push_decision(torch.stack([req_steps.max(), decision.num_skipped, decision.cap]))
         # Reported as what will run (meta_info ``dsde_sl``): below the engine's smallest
         # pre-built state a request drafts ``min_runnable_steps``.
         return req_steps.clamp_min(self.min_runnable_steps)
@@ -216,12 +220,11 @@ class DSDERuntime:
         """
         slots = slots.to(self.device, torch.int64)
         if self.policy.needs_first_entropy and slots.shape[0]:
-            self.policy.observe_first_entropy(slots,
-                                              entropy_of_logits(self.slot_first_draft[slots]))
+            self.driver.observe_first_entropy(
+                slots, entropy_of_logits(self.slot_first_draft[slots]))
         if self.lag_rounds == 0:
             self._read_pending(keep=0)
-            steps = (int(self.policy.batch_steps_for(slots))
-                     if slots.shape[0] else self.initial_steps)
+            steps = int(self.driver.plan(slots)) if slots.shape[0] else self.initial_steps
         else:
             if len(self._pending) <= self.lag_rounds:
                 steps = self.initial_steps
@@ -243,7 +246,7 @@ class DSDERuntime:
         # kernels: ~20x a round on CPU); as a cost sample it would make that step count
         # look expensive for hundreds of rounds, so it is not one.
         if previous is not None and previous[1] in self._warm_steps:
-            self.policy.observe_round(previous[0], previous[1], now - previous[2])
+            self.driver.observe_cost(previous[0], previous[1], now - previous[2])
         if previous is not None:
             self._warm_steps.add(previous[1])
         self._round_clock = (int(batch_size), int(steps), float(now))

@@ -12,27 +12,25 @@ Contract (``Controller``), called by ``simulator.simulate`` once per round:
 * ``observe_cost(bs, batch_steps, cost)``: the round's cost (what the engine would time);
 * ``release(slots)``: the requests in ``slots`` finished.
 
-``PolicyController`` drives any policy of ``sglang_dsde.core`` (``make_policy``: the SAME
-objects the engine runs): ``steps_for`` gives each request's SL, ``batch_steps_for`` the
-batch's step count (their max, or the policy's own batch decision; before it,
-``observe_first_entropy`` gets the recorded first-draft entropies when the policy reads
-them), ``update`` receives drafted/accepted
-counts, the recorded KL rows (``req_kl``) and draft entropies (``req_draft_entropy``),
-temperature 0; ``observe_cost`` passes the round's cost on (``observe_round``). ``HindsightGreedyController``
-knows the trace: each round it drafts the batch step count that maximises this round's
-tokens per unit of cost (achievable, myopic; not an upper bound: see ``oracle``).
+``PolicyController`` steps any policy of ``sglang_dsde.core`` through the core's
+``PolicyDriver``, the engine's own call sequence (``plan`` with the recorded first-draft
+entropies, ``observe`` with the recorded KL rows and draft entropies at temperature 0,
+``observe_cost`` with the round's modelled cost), and logs each round's decision in the
+replay's output format. ``HindsightGreedyController`` knows the trace: each round it
+drafts the batch step count that maximises this round's tokens per unit of cost
+(achievable, myopic; not an upper bound: see ``oracle``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..config import DSDEConfig
-from ..core import make_policy
+from ..core import PolicyDriver
 from .cost import RoundCost
 from .trace import RequestTrace
 
@@ -71,33 +69,37 @@ class Controller:
 
 
 class PolicyController(Controller):
-    """A core policy (``cfg.policy``) on ``max_slots`` CPU slots; the per-request cut
-    follows ``cfg.per_request_cut``. ``cfg.max_steps`` must not exceed the trace's."""
+    """A core policy (``cfg.policy``) on ``max_slots`` CPU slots, stepped by the core's
+    ``PolicyDriver`` (the engine's call sequence); the per-request cut follows
+    ``cfg.per_request_cut``. ``cfg.max_steps`` must not exceed the trace's."""
 
-    def __init__(self, cfg: DSDEConfig, *, max_slots: int, initial_steps: int,
+    def __init__(self, cfg: DSDEConfig, *, max_slots: int, initial_steps: Optional[int] = None,
                  name: str = "", **policy_kwargs):
         self.cfg = cfg
         self.name = name or cfg.policy
-        self.policy = make_policy(cfg, max_slots=max_slots, device="cpu",
-                                  default_initial_steps=initial_steps, **policy_kwargs)
+        self.driver = PolicyDriver.build(cfg, max_slots=max_slots, device="cpu",
+                                         static_steps=initial_steps, **policy_kwargs)
+        self.policy = self.driver.policy
         self.per_request_cut = bool(cfg.per_request_cut)
+        #: Per round, the decision in the replay's output format
+        #: (``{"round", "cap", "steps": {request id: next SL}}``).
+        self.decisions: List[dict] = []
 
     def _slots(self, batch) -> torch.Tensor:
         return torch.tensor([r.slot for r in batch], dtype=torch.int64)
 
     def admit(self, slot: int) -> None:
-        self.policy.reset_slots(torch.tensor([slot], dtype=torch.int64))
+        self.driver.admit(torch.tensor([slot], dtype=torch.int64))
 
     def plan(self, batch):
         slots = self._slots(batch)
-        req_steps = self.policy.steps_for(slots).numpy().astype(np.int64)
-        if self.policy.needs_first_entropy and all(r.trace.draft_entropy is not None
-                                                   for r in batch):
-            self.policy.observe_first_entropy(slots, torch.tensor(
-                [float(r.trace.draft_entropy[r.pos][0]) for r in batch], dtype=torch.float64))
-        batch_steps = int(self.policy.batch_steps_for(slots))
+        first_entropy = None
+        if all(r.trace.draft_entropy is not None for r in batch):
+            first_entropy = torch.tensor([float(r.trace.draft_entropy[r.pos][0])
+                                          for r in batch], dtype=torch.float64)
+        batch_steps = int(self.driver.plan(slots, first_entropy))
         if self.per_request_cut:
-            return req_steps, batch_steps
+            return self.driver.req_steps(slots).numpy().astype(np.int64), batch_steps
         return np.full(len(batch), batch_steps, dtype=np.int64), batch_steps
 
     def observe(self, batch, req_drafted, req_accepted):
@@ -110,16 +112,20 @@ class PolicyController(Controller):
                 entropy[i, :r.trace.max_steps] = r.trace.draft_entropy[r.pos]
         if self.policy.needs_draft_entropy and any(r.trace.draft_entropy is None for r in batch):
             raise ValueError(f"policy {self.cfg.policy} needs draft entropies; the trace has none")
-        self.policy.update(self._slots(batch), torch.as_tensor(req_drafted),
-                           torch.as_tensor(req_accepted), req_kl=torch.from_numpy(kl),
-                           req_temperature=torch.zeros(len(batch)),
-                           req_draft_entropy=torch.from_numpy(entropy))
+        decision = self.driver.observe(
+            self._slots(batch), torch.as_tensor(req_drafted), torch.as_tensor(req_accepted),
+            kl=torch.from_numpy(kl), temperature=torch.zeros(len(batch)),
+            draft_entropy=torch.from_numpy(entropy))
+        cap = int(decision.cap)
+        self.decisions.append({"round": len(self.decisions), "cap": cap if cap >= 0 else None,
+                               "steps": {r.trace.id: int(s) for r, s in
+                                         zip(batch, decision.req_steps.tolist())}})
 
     def observe_cost(self, batch_size, batch_steps, cost):
-        self.policy.observe_round(batch_size, batch_steps, cost)
+        self.driver.observe_cost(batch_size, batch_steps, cost)
 
     def release(self, slots):
-        self.policy.reset_slots(torch.tensor(list(slots), dtype=torch.int64))
+        self.driver.release(torch.tensor(list(slots), dtype=torch.int64))
 
 
 def round_gain(batch: Sequence[ActiveRequest], batch_steps: int) -> int:

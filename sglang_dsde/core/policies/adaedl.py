@@ -22,11 +22,9 @@ Needs ``req_draft_entropy`` (``kl.kl_per_position(..., with_draft_entropy=True)`
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .base import PolicyDecision, SpecPolicy, drafted_mask
+from .base import RoundObservation, SpecPolicy
 
 
 class AdaEDLPolicy(SpecPolicy):
@@ -41,23 +39,13 @@ class AdaEDLPolicy(SpecPolicy):
         super().reset_slots(slots)
         self.offset[slots] = 0.0
 
-    def update(self, slots, req_num_drafted, req_num_accepted, *, req_kl=None,
-               req_temperature=None,
-               req_draft_entropy: Optional[torch.Tensor] = None) -> PolicyDecision:
-        if req_draft_entropy is None:
-            raise ValueError("the adaedl policy needs req_draft_entropy")
+    def _step(self, obs: RoundObservation):
         cfg = self.cfg
-        slots = self._ints(slots)
-        bs = slots.shape[0]
-        if bs == 0:
-            return self._decision(self.req_steps[slots])
-        drafted = self._ints(req_num_drafted)
-        accepted = self._ints(req_num_accepted)
-        entropy = self._floats(req_draft_entropy, ()).reshape(bs, -1)
-        is_drafted = drafted_mask(drafted, entropy.shape[1])
+        drafted, accepted, is_drafted = obs.drafted, obs.accepted, obs.is_drafted
+        entropy = obs.draft_entropy
         bound = 1.0 - torch.sqrt(cfg.adaedl_gamma * torch.where(is_drafted, entropy, 0.0)
                                  .clamp_min(0.0))
-        threshold = cfg.adaedl_lambda - self.offset[slots]
+        threshold = cfg.adaedl_lambda - self.offset[obs.slots]
         passed = (bound >= threshold.unsqueeze(1)) & is_drafted
         # Leading run of passed positions: cumprod stays 1 until the first failure.
         reach = passed.long().cumprod(dim=1).sum(dim=1)
@@ -67,9 +55,7 @@ class AdaEDLPolicy(SpecPolicy):
         num = drafted.clamp_min(1).double()
         mean_bound = torch.where(is_drafted, bound, 0.0).sum(dim=1) / num
         surprise = accepted.double() / num - mean_bound
-        old = self.offset[slots]
-        self.offset[slots] = torch.where(drafted > 0,
-                                         (1 - cfg.adaedl_ema) * old + cfg.adaedl_ema * surprise,
-                                         old)
-        self.req_steps[slots] = next_steps
-        return self._decision(next_steps)
+        old = self.offset[obs.slots]
+        self.offset[obs.slots] = torch.where(
+            drafted > 0, (1 - cfg.adaedl_ema) * old + cfg.adaedl_ema * surprise, old)
+        return next_steps, None

@@ -1,41 +1,43 @@
-"""The speculation-length policy interface that the SGLang worker, the simulator and the
-replay all call (one implementation per policy, no second copy anywhere).
+"""The speculation-length policy interface: one implementation per policy, stepped by one
+driver (``core.driver.PolicyDriver``) for the engine, the simulator and the replay.
 
 Per-request state lives in device tensors indexed by *slot* (an int in ``[0, max_slots)``,
-SGLang's ``req_pool_indices``). A round goes::
+SGLang's ``req_pool_indices``). A round, as the driver calls it::
 
-    req_steps = policy.steps_for(slots)            # [bs] SL of each request this round
     policy.observe_first_entropy(slots, entropy)   # only when needs_first_entropy
     steps = policy.batch_steps_for(slots)          # the batch's step count (default: max)
+    req_steps = policy.steps_for(slots)            # [bs] SL of each request this round
     ... draft ``steps`` steps, verify ...
-    policy.observe_round(bs, steps, seconds)       # the round's measured time (host)
     decision = policy.update(slots, req_num_drafted, req_num_accepted,
                              req_kl=kl, req_temperature=temps)
+    policy.observe_round(bs, steps, seconds)       # the round's measured cost
     ... when requests finish or abort:
     policy.reset_slots(finished_slots)
 
-Contract of ``update`` (all tensors on the policy's device, ``bs`` = ``len(slots)``):
+Contract of ``update`` (tensors on any device, ``bs`` = ``len(slots)``):
 
 * ``slots``: ``[bs]`` int64, distinct, each in ``[0, max_slots)``.
 * ``req_num_drafted``: ``[bs]`` drafted tokens of each request this round (>= 0).
 * ``req_num_accepted``: ``[bs]`` accepted drafted tokens (0 .. drafted; the bonus token
-  is not counted).
+  is not counted; larger values are clipped to ``drafted``).
 * ``req_kl``: ``[bs, P]`` KL per drafted position (``kl.kl_per_position``); values at
-  positions ``>= req_num_drafted`` are ignored. Required when ``needs_kl``.
+  positions ``>= req_num_drafted`` are ignored (even NaN). Required when ``needs_kl``.
 * ``req_temperature``: ``[bs]``, 0 for greedy requests (default: all greedy).
 * ``req_draft_entropy``: ``[bs, P]`` draft entropies; required when
   ``needs_draft_entropy``.
 
-It returns a ``PolicyDecision``; each request's SL for its next round is stored, so
-``steps_for`` of a later batch returns it (a fresh or reset slot returns the policy's
-initial SL). No host synchronisation happens in ``steps_for``, ``update`` or
-``reset_slots``: the worker syncs once, on ``decision.batch_steps``, to pick the runtime
-state, and may capture the update in a CUDA graph.
+The shared preamble (``update`` here) validates and converts the inputs once, then calls
+the policy's ``_step`` with a ``RoundObservation``. A request whose drafted KL is not
+finite (NaN/inf logits) has its signal *skipped*: the policy sees it as having drafted
+nothing, and its next SL falls back to the initial SL. Each request's SL for its next
+round is stored, so ``steps_for`` of a later batch returns it (a fresh or reset slot
+returns the initial SL). No host synchronisation happens in ``steps_for``, ``update`` or
+``reset_slots``: the engine reads the batch decision once per round.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -51,14 +53,29 @@ class PolicyDecision(NamedTuple):
     batch_steps: torch.Tensor
     #: 0-dim int64: the batch cap, or -1 when no request was capped or capping is off.
     cap: torch.Tensor
+    #: 0-dim int64: requests of the round whose signal was skipped (non-finite KL).
+    num_skipped: torch.Tensor
+
+
+class RoundObservation(NamedTuple):
+    """One verify round as a policy's ``_step`` sees it (validated, on the device)."""
+
+    slots: torch.Tensor          # [bs] int64
+    drafted: torch.Tensor        # [bs] int64 (0 where the signal was skipped)
+    accepted: torch.Tensor       # [bs] int64, <= drafted
+    kl: torch.Tensor             # [bs, P] float64, 0 at undrafted positions
+    is_drafted: torch.Tensor     # [bs, P] bool
+    temperature: torch.Tensor    # [bs] float64
+    draft_entropy: Optional[torch.Tensor]  # [bs, P] float64 or None
+    batch_size: int              # the batch size the engine ran (routing, e.g. tiers)
 
 
 class SpecPolicy:
-    """Base class: config, slot-indexed current SL, and the shared argument handling."""
+    """Base class: config, slot-indexed current SL, and the shared ``update`` preamble."""
 
     #: Registry name (``DSDEConfig.policy``).
     name = ""
-    #: Whether ``update`` reads ``req_kl`` (the worker computes KL only when it does).
+    #: Whether ``update`` reads ``req_kl`` (the engine computes KL only when it does).
     needs_kl = False
     #: Whether ``update`` reads ``req_draft_entropy``.
     needs_draft_entropy = False
@@ -81,7 +98,7 @@ class SpecPolicy:
 
     def steps_for(self, slots: torch.Tensor) -> torch.Tensor:
         """``[bs]`` int64: the SL of each request of this batch for the coming round."""
-        return self.req_steps[slots]
+        return self.req_steps[self._ints(slots)]
 
     def observe_first_entropy(self, slots: torch.Tensor,
                               req_first_entropy: torch.Tensor) -> None:
@@ -91,10 +108,9 @@ class SpecPolicy:
     def batch_steps_for(self, slots: torch.Tensor) -> torch.Tensor:
         """0-dim int64: the step count a batch of ``slots`` drafts in the coming round.
 
-        Default: the largest SL of the batch (0 for an empty batch). The engine reads it
-        once per round; the simulator calls it too.
+        Default: the largest SL of the batch (0 for an empty batch).
         """
-        req_steps = self.steps_for(self._ints(slots))
+        req_steps = self.steps_for(slots)
         if req_steps.numel() == 0:
             return torch.zeros((), dtype=torch.int64, device=self.device)
         return req_steps.max()
@@ -110,12 +126,51 @@ class SpecPolicy:
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         """Forget the requests in ``slots`` (finished or aborted); batched."""
-        self.req_steps[slots] = self.initial_steps
+        self.req_steps[self._ints(slots)] = self.initial_steps
 
     def update(self, slots: torch.Tensor, req_num_drafted: torch.Tensor,
                req_num_accepted: torch.Tensor, *, req_kl: Optional[torch.Tensor] = None,
                req_temperature: Optional[torch.Tensor] = None,
-               req_draft_entropy: Optional[torch.Tensor] = None) -> PolicyDecision:
+               req_draft_entropy: Optional[torch.Tensor] = None,
+               batch_size: Optional[int] = None) -> PolicyDecision:
+        """Feed one verify round (module docstring); ``batch_size`` is the size the engine
+        ran, when it differs from ``len(slots)`` (a CUDA-graph padded size)."""
+        if self.needs_kl and req_kl is None:
+            raise ValueError(f"the {self.name} policy needs req_kl (KL per drafted position)")
+        if self.needs_draft_entropy and req_draft_entropy is None:
+            raise ValueError(f"the {self.name} policy needs req_draft_entropy")
+        slots = self._ints(slots)
+        bs = int(slots.shape[0])
+        if bs == 0:
+            return self._decision(self.req_steps[slots])
+        drafted = self._ints(req_num_drafted).reshape(bs)
+        width = int(req_kl.reshape(bs, -1).shape[1]) if req_kl is not None else 0
+        if req_draft_entropy is not None:
+            width = max(width, int(req_draft_entropy.reshape(bs, -1).shape[1]))
+        is_drafted = drafted_mask(drafted, width)
+        kl = self._masked(req_kl, is_drafted, bs)
+        entropy = (self._masked(req_draft_entropy, is_drafted, bs)
+                   if req_draft_entropy is not None else None)
+        finite = torch.isfinite(kl).all(dim=1)
+        if entropy is not None:
+            finite &= torch.isfinite(entropy).all(dim=1)
+        # A skipped signal: the policy sees a request that drafted nothing.
+        drafted = torch.where(finite, drafted, 0)
+        is_drafted &= finite.unsqueeze(1)
+        kl = torch.where(is_drafted, kl, 0.0)
+        if entropy is not None:
+            entropy = torch.where(is_drafted, entropy, 0.0)
+        accepted = torch.minimum(self._ints(req_num_accepted).reshape(bs), drafted)
+        obs = RoundObservation(slots, drafted, accepted, kl, is_drafted,
+                               self._floats(req_temperature, (bs,)).reshape(bs), entropy,
+                               bs if batch_size is None else int(batch_size))
+        req_steps, cap = self._step(obs)
+        req_steps = torch.where(finite, req_steps, self.initial_steps)
+        self.req_steps[slots] = req_steps
+        return self._decision(req_steps, cap, (~finite).sum())
+
+    def _step(self, obs: RoundObservation) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``([bs] next SL of each request, 0-dim cap or None)`` for one round."""
         raise NotImplementedError
 
     # -- helpers for subclasses -------------------------------------------------------
@@ -129,15 +184,23 @@ class SpecPolicy:
             return torch.zeros(shape, dtype=torch.float64, device=self.device)
         return values.to(device=self.device, dtype=torch.float64)
 
-    def _decision(self, req_steps: torch.Tensor, cap: Optional[torch.Tensor] = None
-                  ) -> PolicyDecision:
-        if req_steps.numel():
-            batch_steps = req_steps.max()
-        else:
-            batch_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+    def _masked(self, values: Optional[torch.Tensor], is_drafted: torch.Tensor,
+                bs: int) -> torch.Tensor:
+        """``[bs, P]`` float64 with 0 at undrafted positions (whatever they held)."""
+        out = torch.zeros(is_drafted.shape, dtype=torch.float64, device=self.device)
+        if values is not None:
+            values = self._floats(values, ()).reshape(bs, -1)
+            out[:, :values.shape[1]] = values
+        return torch.where(is_drafted, out, 0.0)
+
+    def _decision(self, req_steps: torch.Tensor, cap: Optional[torch.Tensor] = None,
+                  num_skipped: Optional[torch.Tensor] = None) -> PolicyDecision:
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        batch_steps = req_steps.max() if req_steps.numel() else zero
         if cap is None:
             cap = torch.full((), -1, dtype=torch.int64, device=self.device)
-        return PolicyDecision(req_steps, batch_steps, cap)
+        return PolicyDecision(req_steps, batch_steps, cap,
+                              zero if num_skipped is None else num_skipped)
 
 
 def drafted_mask(req_num_drafted: torch.Tensor, num_pos: int) -> torch.Tensor:

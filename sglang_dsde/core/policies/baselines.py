@@ -33,7 +33,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .base import PolicyDecision, SpecPolicy
+from .base import RoundObservation, SpecPolicy
 
 #: SGLang 0.5.23's default tiers (``DEFAULT_ADAPTIVE_CONFIG``), restated as data.
 SGLANG_DEFAULT_TIERS = {
@@ -51,9 +51,8 @@ class StaticPolicy(SpecPolicy):
 
     name = "static"
 
-    def update(self, slots, req_num_drafted, req_num_accepted, *, req_kl=None,
-               req_temperature=None, req_draft_entropy=None) -> PolicyDecision:
-        return self._decision(self.req_steps[self._ints(slots)])
+    def _step(self, obs: RoundObservation):
+        return self.req_steps[obs.slots], None
 
 
 class _Tier:
@@ -117,20 +116,16 @@ class SGLangAdaptivePolicy(SpecPolicy):
         bs = slots.shape[0]
         return self.tier_steps(self.tier_of(bs)).expand(bs).clone()
 
-    def update(self, slots, req_num_drafted, req_num_accepted, *, req_kl=None,
-               req_temperature=None, req_draft_entropy=None,
-               batch_size: Optional[int] = None) -> PolicyDecision:
-        """``batch_size`` routes to a tier (default ``len(slots)``; pass the CUDA-graph
+    def _step(self, obs: RoundObservation):
+        """Routes by ``obs.batch_size`` (``update(batch_size=...)``: pass the CUDA-graph
         padded size to mirror SGLang exactly when graphs are on)."""
-        bs = slots.shape[0]
-        if bs == 0:
-            return self._decision(self.req_steps[self._ints(slots)])
-        t = self.tier_of(bs if batch_size is None else batch_size)
+        bs = int(obs.slots.shape[0])
+        t = self.tier_of(obs.batch_size)
         tier = self.tiers[t]
         idx = self.tier_index[t:t + 1]
         steps = self._cands[t][idx]
         ema = self.tier_ema[t:t + 1]
-        batch_avg = self._ints(req_num_accepted).sum().double() / bs
+        batch_avg = obs.accepted.sum().double() / bs
         ema = torch.where(steps > 0, (1 - tier.ema_alpha) * ema + tier.ema_alpha * batch_avg,
                           ema)
         tier.batch_count += 1
@@ -139,7 +134,7 @@ class SGLangAdaptivePolicy(SpecPolicy):
             idx, ema = self._recompute(t, idx, ema)
         self.tier_ema[t:t + 1] = ema
         self.tier_index[t:t + 1] = idx
-        return self._decision(self._cands[t][idx].expand(bs).clone())
+        return self._cands[t][idx].expand(bs).clone(), None
 
     def _recompute(self, t: int, idx: torch.Tensor, ema: torch.Tensor) -> tuple:
         tier = self.tiers[t]

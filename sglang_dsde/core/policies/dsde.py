@@ -30,14 +30,12 @@ the warm-up KL sum (value + compensation) and max, and the bounds.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..numerics import ceil_tol, neumaier_add_columns
 from ..state import KLHistory
 from ..wvir import decay_weights, wvir
-from .base import PolicyDecision, SpecPolicy, drafted_mask
+from .base import RoundObservation, SpecPolicy
 
 
 class DSDEPolicy(SpecPolicy):
@@ -63,24 +61,10 @@ class DSDEPolicy(SpecPolicy):
                   self.k_min, self.k_max):
             t[slots] = 0
 
-    def update(self, slots: torch.Tensor, req_num_drafted: torch.Tensor,
-               req_num_accepted: torch.Tensor, *, req_kl: Optional[torch.Tensor] = None,
-               req_temperature: Optional[torch.Tensor] = None,
-               req_draft_entropy: Optional[torch.Tensor] = None) -> PolicyDecision:
-        if req_kl is None:
-            raise ValueError("the dsde policy needs req_kl (KL per drafted position)")
+    def _step(self, obs: RoundObservation):
         cfg = self.cfg
-        slots = self._ints(slots)
-        bs = slots.shape[0]
-        if bs == 0:
-            return self._decision(self.req_steps[slots])
-        drafted = self._ints(req_num_drafted)
-        accepted = self._ints(req_num_accepted)
-        kl = self._floats(req_kl, ()).reshape(bs, -1)
-        temperature = self._floats(req_temperature, (bs,))
-        is_drafted = drafted_mask(drafted, kl.shape[1])
-        # Undrafted positions hold 0 from here on (their input may be anything, even NaN).
-        kl = torch.where(is_drafted, kl, 0.0)
+        slots, drafted, accepted, kl = obs.slots, obs.drafted, obs.accepted, obs.kl
+        temperature = obs.temperature
 
         # 1. history
         prev_seen = self.history.n_seen[slots]
@@ -139,6 +123,4 @@ class DSDEPolicy(SpecPolicy):
             mean_pred = torch.where(past, predicted, 0).sum().double() / num_past.clamp_min(1)
             cap = torch.where(num_past > 0, ceil_tol(mean_pred).long(), -1)
             final_past = torch.where(cap >= 0, torch.minimum(predicted, cap), predicted)
-        new_steps = torch.where(past, final_past, warm_steps)
-        self.req_steps[slots] = new_steps
-        return self._decision(new_steps, cap)
+        return torch.where(past, final_past, warm_steps), cap

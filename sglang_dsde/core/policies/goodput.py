@@ -38,15 +38,13 @@ All requests of the batch get ``K*`` (``req_steps``); the per-request cut does n
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..acceptance import AcceptanceCalibration, observed_positions
 from ..round_cost import ROUND_COEFS, OnlineRoundCost
 from ..state import KLHistory
 from ..wvir import decay_weights, wvir
-from .base import PolicyDecision, SpecPolicy, drafted_mask
+from .base import RoundObservation, SpecPolicy
 
 #: Pseudo-positions at the server's rate behind each request's estimates.
 PRIOR_TOKENS = 2.0
@@ -155,21 +153,9 @@ class GoodputPolicy(SpecPolicy):
 
     # -- one verify round ------------------------------------------------------------
 
-    def update(self, slots: torch.Tensor, req_num_drafted: torch.Tensor,
-               req_num_accepted: torch.Tensor, *, req_kl: Optional[torch.Tensor] = None,
-               req_temperature: Optional[torch.Tensor] = None,
-               req_draft_entropy: Optional[torch.Tensor] = None) -> PolicyDecision:
-        if req_kl is None:
-            raise ValueError("the goodput policy needs req_kl (KL per drafted position)")
-        slots = self._ints(slots)
-        bs = slots.shape[0]
-        if bs == 0:
-            return self._decision(self.req_steps[slots])
-        drafted = self._ints(req_num_drafted)
-        accepted = torch.minimum(self._ints(req_num_accepted), drafted)
-        kl = self._floats(req_kl, ()).reshape(bs, -1)
-        is_drafted = drafted_mask(drafted, kl.shape[1])
-        kl = torch.where(is_drafted, kl, 0.0)
+    def _step(self, obs: RoundObservation):
+        slots, drafted, accepted, kl = obs.slots, obs.drafted, obs.accepted, obs.kl
+        bs = int(slots.shape[0])
         observed, is_accepted = observed_positions(drafted, accepted, kl.shape[1])
 
         # Per-request decayed sums over the observed positions (censored ones follow a
@@ -198,11 +184,7 @@ class GoodputPolicy(SpecPolicy):
         self.stability[slots] = torch.where(drafted > 0, ratio, self.stability[slots])
         self.rounds_by_bs_class[_bs_class(bs)] += 1
 
-        steps = self.batch_steps_for(slots)
-        req_steps = steps.expand(bs).clone()
-        self.req_steps[slots] = req_steps
-        return PolicyDecision(req_steps, steps, torch.full((), -1, dtype=torch.int64,
-                                                            device=self.device))
+        return self.batch_steps_for(slots).expand(bs).clone(), None
 
 
 def _bs_class(batch_size: int) -> int:
