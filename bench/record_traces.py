@@ -9,7 +9,7 @@ each draft gets its own trace file (``--out`` then names a folder).
 
 Per prompt (``bench.workloads``, seeded) it records the target's greedy continuation and,
 at every output position, the draft's acceptance run and the KL per draft position
-(``sglang_dsde.sim.record``; format in ``sglang_dsde.sim.trace`` and docs/simulator.md),
+(``sglang_dsde.sim.record``; format in ``sglang_dsde.trace`` and docs/simulator.md),
 one JSONL line per prompt, appended as soon as it is done: an interrupted run resumes
 where it stopped (same arguments, same file).
 
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench.workloads import WORKLOADS, load_workload  # noqa: E402
 from sglang_dsde.sim.measure import measure_cpu_prior  # noqa: E402
 from sglang_dsde.sim.record import record_request  # noqa: E402
-from sglang_dsde.sim.trace import TraceWriter, make_header  # noqa: E402
+from sglang_dsde.trace import TraceWriter, make_header  # noqa: E402
 
 TRACES = ROOT / "bench" / "results" / "traces"
 

@@ -41,7 +41,7 @@ from sglang_dsde.sim import (GPU_PRESETS, ISSUE8_CPU, ISSUE8_GPU_LIKE, gpu_prese
                              load_cost, parse_contenders, read_trace, run_cell, synthetic_trace)
 from sglang_dsde.sim.contenders import static_contenders  # noqa: E402
 from sglang_dsde.sim.report import write_tables  # noqa: E402
-from sglang_dsde.sim.trace import trace_summary  # noqa: E402
+from sglang_dsde.trace import trace_summary  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_CONTENDERS = "goodput;dsde;dsde+cut;sglang_adaptive;adaedl;hindsight-greedy"

@@ -1,8 +1,7 @@
-"""The round-cost model the goodput policy learns online from the engine's own timings.
+"""The one round-cost protocol: features, world models, the online model, one NNLS solver.
 
 A decode round of ``bs`` requests drafting ``k`` tokens each (``k = 0``: no draft call;
-on SGLang that state still verifies the bonus token and runs the draft extend) costs, in
-the engine's clock::
+on SGLang that state still verifies the bonus token and runs the draft extend) costs::
 
     cost(bs, k) = k * d0                      # draft decode steps (the batch's fixed part)
                 + k * bs * d1                 # one more drafted token of one request: its
@@ -11,17 +10,22 @@ the engine's clock::
                 + [k > 0] * (e0 + e1 * bs)    # fixed cost of a speculative round
                 + [k = 0] * n1 * bs           # the no-drafting state's own cost per request
 
-A request in the batch (``v1``: its own attention over its context, its sampling, its
-per-request bookkeeping) costs far more than one more token of a request already there
-(``d1``) on a CPU, where the per-request paths are loops; a model that charged every
-verified token the same (``v1 * bs * (k + 1)``) would, with non-negative coefficients,
-learn from the batch-size slope that drafting is as dear as adding requests, and stop
-drafting at larger batches where it pays (measured on the SmolLM2 pair, batch 4: one
-draft adds ~10% to a no-drafting round, that model predicted ~50%).
-SGLang's no-drafting state is its own code path (a one-token verify, then the draft
-extend) and may cost more per request than the drafting states' linear trend says
-(``n1``; same server, interleaved states, batch 1 -> 4: +54 ms at k = 0, +30 ms at k = 1).
-``round_feature_list`` gives the seven features.
+``round_feature_list`` gives the seven features; every cost model of the project speaks
+this basis (``ROUND_COEFS``):
+
+* ``LinearRoundCost``: a world model (the simulator's clock, a fit of the engine's round
+  times); ``LinearRoundCost.from_parts`` builds one from physical parts (a draft step, a
+  verify charged per verified token, a speculative overhead); ``sim.cost.fit_linear_cost``
+  fits one to timings with the same solver;
+* ``OnlineRoundCost``: what the goodput policy learns from the engine's own timings.
+
+Why this basis: a request in the batch (``v1``: its own attention over its context, its
+sampling and bookkeeping) costs far more than one more token of a request already there
+(``d1``) on a CPU, where the per-request paths are loops; a basis that charged every
+verified token like a request would, with non-negative coefficients, learn from the
+batch-size slope that drafting is as dear as adding requests. SGLang's no-drafting state
+is its own code path and may cost more per request than the drafting states' linear trend
+says (``n1``). docs/goodput.md has the engine's measurements behind these choices.
 
 ``OnlineRoundCost`` fits the seven non-negative coefficients by exponentially forgotten
 least squares on *relative* errors (each timing t weighs ``1 / t^2``, so a round of 1
@@ -31,9 +35,9 @@ the data: before any timing it predicts the prior (relative units, a target deco
 design points, so the system is always well posed (directions the policy never explores
 stay at the prior's shape times the learned scale) and does not wind up under
 forgetting. Each ``observe`` is a rank-one update plus one batched solve on the device
-(the exact non-negative solution over all 128 sets of free coefficients; ``solve_ex``: no
-error check, so no host synchronisation). The argmax of tokens per unit of cost does not
-depend on the unit, so only the shape must be right early on.
+(``solve_nonnegative``: the exact non-negative solution over all 128 sets of free
+coefficients; ``solve_ex``, so no host synchronisation). The argmax of tokens per unit of
+cost does not depend on the unit, so only the shape must be right early on.
 
 A timing more than ``OUTLIER_FACTOR`` x the prediction, once ``MIN_SAMPLES`` timings were
 seen, is dropped: the gap between two decode rounds then held something else (a prefill,
@@ -42,6 +46,11 @@ an idle period) and is not a round's cost.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
 import torch
 
 #: Coefficient names, in feature order.
@@ -71,6 +80,94 @@ def round_feature_list(batch_size, batch_steps) -> list:
     bs, k = batch_size, batch_steps
     spec = (k > 0) * 1.0
     return [k * 1.0, k * bs, k * 0.0 + 1.0, bs * 1.0, spec, spec * bs, (1.0 - spec) * bs]
+
+
+def round_features(batch_size, batch_steps) -> np.ndarray:
+    """``[..., 7]`` float64 features (numpy), in ``ROUND_COEFS`` order."""
+    bs = np.asarray(batch_size, dtype=np.float64)
+    k = np.asarray(batch_steps, dtype=np.float64)
+    return np.stack(round_feature_list(bs, k), axis=-1)
+
+
+class RoundCost(Protocol):
+    """A world model of the engine's time, as the simulator's clock and the replay use it:
+    ``round(bs, k)`` one decode round, ``prefill(n)`` one request's prefill (target +
+    draft), in ``unit``; non-decreasing in ``k`` (the oracle bound relies on it)."""
+
+    name: str
+    unit: str
+    kind: str
+
+    def round(self, batch_size: int, batch_steps: int) -> float: ...
+
+    def prefill(self, num_tokens: int) -> float: ...
+
+    def to_json(self) -> dict: ...
+
+
+def cost_to_json(cost) -> dict:
+    """A cost dataclass as JSON, tagged with its ``kind`` (``load_cost`` dispatches on it)."""
+    return {**dataclasses.asdict(cost), "kind": cost.kind}
+
+
+def _fields_of(cls, obj: dict) -> dict:
+    return {k: v for k, v in obj.items() if k in {f.name for f in dataclasses.fields(cls)}}
+
+
+@dataclass(frozen=True)
+class LinearRoundCost:
+    """``cost(bs, k)`` = features . coefficients (module docstring); all >= 0.
+    ``prefill(n) = p0 + p1 * n``."""
+
+    d0: float
+    d1: float
+    v0: float
+    v1: float
+    e0: float = 0.0
+    e1: float = 0.0
+    n1: float = 0.0
+    p0: float = 0.0
+    p1: float = 0.0
+    name: str = "linear"
+    unit: str = "s"
+    source: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+    kind = "linear"
+
+    def __post_init__(self):
+        for key in ROUND_COEFS + ("p0", "p1"):
+            value = getattr(self, key)
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"LinearRoundCost.{key} = {value}: expected a finite value >= 0")
+
+    @classmethod
+    def from_parts(cls, *, draft_step=(0.0, 0.0), verify=(0.0, 0.0), spec=(0.0, 0.0),
+                   prefill=(0.0, 0.0), **kw) -> "LinearRoundCost":
+        """A world described by its physical parts, in this basis: a draft step of a batch
+        ``draft_step[0] + draft_step[1] * bs``, a verify of ``bs * (k + 1)`` tokens
+        ``verify[0] + verify[1] * bs * (k + 1)``, a speculative round's overhead
+        ``spec[0] + spec[1] * bs``; every coefficient stays >= 0."""
+        (d0, d1), (v0, v_tok), (e0, e1) = draft_step, verify, spec
+        return cls(d0=d0, d1=d1 + v_tok, v0=v0, v1=v_tok, e0=e0, e1=e1,
+                   p0=prefill[0], p1=prefill[1], **kw)
+
+    def coefs(self) -> np.ndarray:
+        return np.array([getattr(self, key) for key in ROUND_COEFS])
+
+    def round(self, batch_size: int, batch_steps: int) -> float:
+        return float(round_features(batch_size, batch_steps) @ self.coefs())
+
+    def prefill(self, num_tokens: int) -> float:
+        return self.p0 + self.p1 * num_tokens
+
+    def to_json(self) -> dict:
+        return cost_to_json(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "LinearRoundCost":
+        if "n1" not in obj:  # written before the one basis: a verify charged per token
+            obj = dict(obj, d1=obj["d1"] + obj["v1"], n1=0.0)
+        return cls(**_fields_of(cls, obj))
 
 
 class OnlineRoundCost:
@@ -130,11 +227,11 @@ class OnlineRoundCost:
         scale = torch.where(self._sum_prior > 0, self._sum_seconds / self._sum_prior, 1.0)
         gram = self._gram + self._prior_gram / scale ** 2
         rhs = self._rhs + self._prior_rhs / scale
-        self.coefs = torch.where(torch.isfinite(rhs).all(), _solve_nonnegative(gram, rhs),
+        self.coefs = torch.where(torch.isfinite(rhs).all(), solve_nonnegative(gram, rhs),
                                  self.coefs)
 
 
-def _solve_nonnegative(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+def solve_nonnegative(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """argmin of ``c.G.c/2 - r.c`` over ``c >= 0`` (G positive definite), exactly.
 
     With seven coefficients every subset of free ones can be tried at once: one batched

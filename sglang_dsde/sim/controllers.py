@@ -32,7 +32,7 @@ import torch
 from ..config import DSDEConfig
 from ..core import PolicyDriver
 from .cost import RoundCost
-from .trace import RequestTrace
+from ..trace import RequestTrace
 
 
 @dataclass

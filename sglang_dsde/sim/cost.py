@@ -1,131 +1,81 @@
-"""Round cost models: how long one speculative round of a batch takes.
+"""The simulator's world models, by name: presets, JSON files and the roofline models.
 
-Contract (``RoundCost``): ``round(batch_size, batch_steps)`` is the time of one decode
-round of ``batch_size`` requests drafting ``batch_steps`` tokens each (0: a plain decode
-step, no draft model call), in the model's ``unit``; ``prefill(num_tokens)`` is the time
-of one request's prefill (target + draft). The simulator's clock is the sum of these. The
-oracle bound needs ``round`` non-decreasing in ``batch_steps`` (checked there).
+Every model follows the core's one round-cost protocol (``core.round_cost``: the feature
+basis, ``RoundCost``, ``LinearRoundCost``, ``solve_nonnegative``); this module names
+them and fits ``LinearRoundCost`` to timings (``fit_linear_cost``, ``nnls``: the core's
+solver on the normal equations). ``cost_from_spec(spec, context=...)`` understands:
 
-``LinearRoundCost`` (the CPU model and the fitted one) is::
-
-    round(bs, k) = k * d(bs) + v(bs, k) + [k > 0] * e(bs)
-    d(bs)    = d0 + d1 * bs               # one draft decode step of the batch
-    v(bs, k) = v0 + v1 * bs * (k + 1)     # the target's verify (k = 0: a decode step)
-    e(bs)    = e0 + e1 * bs               # fixed cost of a speculative round (draft
-                                          # extend of accepted tokens, bookkeeping)
-    prefill(n) = p0 + p1 * n
-
-``fit_linear_cost`` fits it to measured ``(batch_size, batch_steps, seconds)`` samples by
-non-negative least squares (exact: the best of the feasible subset solutions; 6 unknowns).
-The same routine fits the engine's round timings (bench) and the HF-forward prior
-(``sim.measure``).
-
-Presets ``ISSUE8_GPU_LIKE`` / ``ISSUE8_CPU`` are issue 8's batch-1 models in units of one
-target decode step (``k * d + 1 + v1 * k``); they have no batch-size terms, so use them at
-concurrency 1 only.
+* ``file:PATH`` (or ``cpu:PATH``, or a path ending in ``.json``): a cost written by
+  ``to_json`` (a fitted ``LinearRoundCost``, e.g. the CPU prior of
+  ``bench/record_traces.py --measure-cost`` or the engine fit of ``bench/compare.py``);
+* ``bs1-gpu-like``, ``bs1-cpu``: batch-1 models in units of one target decode step
+  (``k * d + 1 + v1 * k``; no batch-size terms, so concurrency 1 only);
+* ``h100-llama3-8b``, ``h100x4-llama3-70b``: the roofline models (``gpu_cost``), at a
+  context of ``context`` tokens per request.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence, Tuple
+from typing import Iterable, Tuple
 
 import numpy as np
+import torch
 
-#: Coefficient names of ``LinearRoundCost.round`` in ``round_features`` order.
-ROUND_COEFS = ("d0", "d1", "v0", "v1", "e0", "e1")
-
-
-class RoundCost(Protocol):
-    name: str
-    unit: str
-
-    def round(self, batch_size: int, batch_steps: int) -> float: ...
-
-    def prefill(self, num_tokens: int) -> float: ...
-
-    def to_json(self) -> dict: ...
+from ..core.round_cost import (ROUND_COEFS, LinearRoundCost, RoundCost, round_features,
+                               solve_nonnegative)
+from .gpu_cost import GPU_PRESETS, RooflineRoundCost, gpu_preset
 
 
+def bs1_model(draft_step: float, verify_per_token: float, name: str,
+              source: str) -> LinearRoundCost:
+    """``k * d + 1 + v1 * k`` in target decode steps (batch 1 only)."""
+    return LinearRoundCost.from_parts(draft_step=(draft_step, 0.0),
+                                      verify=(1.0 - verify_per_token, verify_per_token),
+                                      name=name, unit="decode steps", source=source)
 
 
-def round_features(batch_size, batch_steps) -> np.ndarray:
-    """``[..., 6]`` features whose dot product with ``ROUND_COEFS`` values is the cost.
-
-    These describe the simulated *world* by its parts (draft step, verify of every token,
-    speculation overhead). The goodput policy's online model
-    (``core.round_cost.round_feature_list``) spans the same functions in another basis
-    (per request and per drafted token of a request), whose non-negative cone is the
-    wider one, so it can represent every world here."""
-    bs = np.asarray(batch_size, dtype=np.float64)
-    k = np.asarray(batch_steps, dtype=np.float64)
-    spec = (k > 0).astype(np.float64)
-    return np.stack([k, k * bs, np.ones_like(k), bs * (k + 1), spec, spec * bs], axis=-1)
+BS1_GPU_LIKE = bs1_model(0.06, 0.01, "bs1-gpu-like",
+                         "batch-1 GPU-like shape: draft step 0.06, verify token 0.01")
+BS1_CPU = bs1_model(0.19, 0.21, "bs1-cpu",
+                    "batch-1 shape of this CPU: draft step 0.19, verify token 0.21")
+#: Presets that have no batch-size terms (the simulator runs them at concurrency 1 only).
+BATCH1_PRESETS = {c.name: c for c in (BS1_GPU_LIKE, BS1_CPU)}
+_KINDS = {cls.kind: cls for cls in (LinearRoundCost, RooflineRoundCost)}
 
 
-@dataclass(frozen=True)
-class LinearRoundCost:
-    """The linear round cost (module docstring); all coefficients >= 0."""
+def load_cost(path) -> RoundCost:
+    """A cost model from a JSON file written by ``to_json`` (or ``{"cost": ...}``)."""
+    obj = json.loads(Path(path).read_text())
+    obj = obj.get("cost", obj)
+    return _KINDS[obj.get("kind", "linear")].from_json(obj)
 
-    d0: float
-    d1: float
-    v0: float
-    v1: float
-    e0: float = 0.0
-    e1: float = 0.0
-    p0: float = 0.0
-    p1: float = 0.0
-    name: str = "linear"
-    unit: str = "s"
-    source: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
 
-    def __post_init__(self):
-        for key in ROUND_COEFS + ("p0", "p1"):
-            value = getattr(self, key)
-            if not np.isfinite(value) or value < 0:
-                raise ValueError(f"LinearRoundCost.{key} = {value}: expected a finite value >= 0")
-
-    def coefs(self) -> np.ndarray:
-        return np.array([getattr(self, key) for key in ROUND_COEFS])
-
-    def round(self, batch_size: int, batch_steps: int) -> float:
-        return float(round_features(batch_size, batch_steps) @ self.coefs())
-
-    def prefill(self, num_tokens: int) -> float:
-        return self.p0 + self.p1 * num_tokens
-
-    def draft_step(self, batch_size: int) -> float:
-        return self.d0 + self.d1 * batch_size
-
-    def verify(self, batch_size: int, batch_steps: int) -> float:
-        return self.v0 + self.v1 * batch_size * (batch_steps + 1)
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        out["kind"] = "linear"
-        return out
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "LinearRoundCost":
-        obj = {k: v for k, v in obj.items() if k != "kind"}
-        return cls(**obj)
+def cost_from_spec(spec: str, *, context: float = 1024.0) -> RoundCost:
+    """The world model ``spec`` names (module docstring); ``ValueError`` when unknown."""
+    for prefix in ("file:", "cpu:"):
+        if spec.startswith(prefix):
+            return load_cost(spec[len(prefix):])
+    if spec.endswith(".json"):
+        return load_cost(spec)
+    if spec in BATCH1_PRESETS:
+        return BATCH1_PRESETS[spec]
+    if spec in GPU_PRESETS:
+        return gpu_preset(spec, context=context)
+    raise ValueError(f"unknown cost spec {spec!r}: expected file:PATH, "
+                     f"{', '.join(BATCH1_PRESETS)} or {', '.join(GPU_PRESETS)}")
 
 
 def fit_linear_cost(samples: Iterable[Tuple[int, int, float]],
                     prefill_samples: Iterable[Tuple[int, float]] = (), *,
-                    name: str = "fitted", unit: str = "s", source: str = "",
-                    with_spec_overhead: bool = True) -> LinearRoundCost:
+                    name: str = "fitted", unit: str = "s", source: str = "") -> LinearRoundCost:
     """Fit ``LinearRoundCost`` to ``(batch_size, batch_steps, time)`` round samples (and
     optional ``(num_tokens, time)`` prefill samples) by non-negative least squares.
 
-    Samples should vary both batch size and steps, including ``batch_steps = 0`` (a plain
-    decode step), or some coefficients are not identifiable (an unidentifiable one comes
-    out 0 or absorbs its collinear partner). ``with_spec_overhead=False`` fixes e0 = e1 = 0.
-    The relative RMS residual is kept in ``extra["rel_rms"]``.
+    Samples should vary both batch size and steps, including ``batch_steps = 0``, or some
+    coefficients are not identifiable (an unidentifiable one comes out 0 or absorbs its
+    collinear partner). The relative RMS residual is kept in ``extra["rel_rms"]``.
     """
     data = np.array([(b, k, s) for b, k, s in samples], dtype=np.float64).reshape(-1, 3)
     if data.shape[0] == 0:
@@ -133,11 +83,17 @@ def fit_linear_cost(samples: Iterable[Tuple[int, int, float]],
     if np.any(data[:, 0] < 1) or np.any(data[:, 1] < 0) or np.any(data[:, 2] < 0):
         raise ValueError("fit_linear_cost: samples need batch_size >= 1, steps >= 0, time >= 0")
     features = round_features(data[:, 0], data[:, 1])
-    if not with_spec_overhead:
-        features = features[:, :4]
-    coefs = nnls(features, data[:, 2])
-    coefs = np.concatenate([coefs, np.zeros(len(ROUND_COEFS) - coefs.shape[0])])
-    pred = round_features(data[:, 0], data[:, 1]) @ coefs
+    # The basis has one redundant direction (bs = [k > 0] bs + [k = 0] bs: v1, e1 and n1
+    # are known only through v1 + e1 and v1 + n1); the canonical fit pins e1 or n1 at 0,
+    # whichever fits better (n1 on a tie).
+    fits = []
+    for pinned in (ROUND_COEFS.index("n1"), ROUND_COEFS.index("e1")):
+        keep = [i for i in range(len(ROUND_COEFS)) if i != pinned]
+        coefs = np.zeros(len(ROUND_COEFS))
+        coefs[keep] = nnls(features[:, keep], data[:, 2])
+        fits.append((float(np.sum((features @ coefs - data[:, 2]) ** 2)), coefs))
+    coefs = fits[1][1] if fits[1][0] < fits[0][0] * (1 - 1e-9) else fits[0][1]
+    pred = features @ coefs
     rel_rms = float(np.sqrt(np.mean(((pred - data[:, 2]) / np.maximum(data[:, 2], 1e-12)) ** 2)))
     p0 = p1 = 0.0
     pre = np.array(list(prefill_samples), dtype=np.float64).reshape(-1, 2)
@@ -149,53 +105,15 @@ def fit_linear_cost(samples: Iterable[Tuple[int, int, float]],
                                                  "num_samples": int(data.shape[0])})
 
 
-def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """argmin ||a x - b|| subject to x >= 0, for few columns (exhaustive over supports)."""
-    num_cols = a.shape[1]
-    best, best_res = np.zeros(num_cols), float(np.sum(b ** 2))
-    for size in range(1, num_cols + 1):
-        for support in itertools.combinations(range(num_cols), size):
-            cols = list(support)
-            x_s, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
-            if np.any(x_s < 0):
-                continue
-            x = np.zeros(num_cols)
-            x[cols] = x_s
-            res = float(np.sum((a @ x - b) ** 2))
-            if res < best_res - 1e-15 * max(1.0, best_res):
-                best, best_res = x, res
-    return best
 
 
-def normalized_bs1(d: float, v1: float, name: str, source: str) -> LinearRoundCost:
-    """Issue 8's batch-1 model ``k * d + 1 + v1 * k`` in target decode steps."""
-    return LinearRoundCost(d0=d, d1=0.0, v0=1.0 - v1, v1=v1, name=name, unit="decode steps",
-                           source=source)
-
-
-ISSUE8_GPU_LIKE = normalized_bs1(0.06, 0.01, "issue8-gpu-like",
-                                 "issue 8 table: GPU-like, d 0.06, v1 0.01 (batch 1 only)")
-ISSUE8_CPU = normalized_bs1(0.19, 0.21, "issue8-cpu",
-                            "issue 8 table: this CPU, d 0.19, v1 0.21 (batch 1 only)")
-
-
-def load_cost(path) -> RoundCost:
-    """A cost model from a JSON file written by ``to_json`` (linear or roofline)."""
-    obj = json.loads(Path(path).read_text())
-    obj = obj.get("cost", obj)
-    if obj.get("kind") == "roofline":
-        from .gpu_cost import RooflineRoundCost
-
-        return RooflineRoundCost.from_json(obj)
-    return LinearRoundCost.from_json(obj)
-
-
-def cost_table(cost: RoundCost, batch_sizes: Sequence[int], steps: Sequence[int]) -> list:
-    """Rows ``{bs, k, round, round_per_decode}`` for documentation."""
-    rows = []
-    for bs in batch_sizes:
-        decode = cost.round(bs, 0)
-        for k in steps:
-            c = cost.round(bs, k)
-            rows.append({"bs": bs, "k": k, "round": c, "round_per_decode": c / decode})
-    return rows
+def nnls(a, b) -> np.ndarray:
+    """argmin ``||a x - b||`` subject to ``x >= 0`` (few columns; ``solve_nonnegative`` on
+    the normal equations, with a ridge of 1e-15 of their scale so that an unidentifiable
+    direction comes out 0 instead of undefined)."""
+    a = torch.as_tensor(np.asarray(a, dtype=np.float64))
+    b = torch.as_tensor(np.asarray(b, dtype=np.float64))
+    gram = a.T @ a
+    ridge = 1e-15 * torch.clamp(gram.diagonal().max(), min=1e-300)
+    gram = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return solve_nonnegative(gram, a.T @ b).numpy()

@@ -10,7 +10,7 @@ from .cost import RoundCost
 from .oracle import oracle_bound
 from .report import add_ratios, oracle_row, result_row
 from .simulator import SimResult, simulate
-from .trace import RequestTrace
+from ..trace import RequestTrace
 
 
 def run_cell(requests: Sequence[RequestTrace], contenders: Sequence[Contender],

@@ -38,17 +38,14 @@ Sources of the constants:
 * 70B target: tensor parallel 4 (141 GB of BF16 weights need >= 2 H100s; 4 leave KV room);
   the draft runs in the same TP group (SGLang's STANDALONE draft shares the target's TP).
 
-Resulting figures (context 1024; ``cost_table`` prints the grid): 8B decode 5.9 ms at
-batch 1 and 9.1 ms at batch 64; a 1B draft step 1.04 ms (0.18 decode steps); verifying
-5 tokens instead of 1 is free at batch 1 (memory-bound); a round with k = 1 / 4 / 8 costs
-1.35 / 1.88 / 2.58 decode steps at batch 1 and 1.40 / 2.01 / 3.60 at batch 64 (verify
-turns compute-bound). 70B on TP 4: decode 15.2 ms, draft step 0.72 ms (0.047), k = 1 / 4 /
-8 rounds 1.09 / 1.24 / 1.43 decode steps at batch 1, 1.11 / 1.51 / 2.63 at batch 64.
+The grid of resulting round costs is tabulated in docs/simulator.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+
+from ..core.round_cost import cost_to_json
 
 
 @dataclass(frozen=True)
@@ -125,6 +122,7 @@ class RooflineRoundCost:
     unit: str = "s"
     source: str = "roofline arithmetic (sglang_dsde/sim/gpu_cost.py)"
     extra: dict = field(default_factory=dict, compare=False)
+    kind = "roofline"
 
     def _fwd(self, model: ModelSpec, num_tokens: int, batch_size: int, context: float) -> float:
         return forward_seconds(self.gpu, model, num_tokens, batch_size, context, self.tp)
@@ -141,20 +139,14 @@ class RooflineRoundCost:
         return (self._fwd(self.target, num_tokens, 1, 0.0)
                 + self._fwd(self.draft, num_tokens, 1, 0.0))
 
-    def with_context(self, context: float) -> "RooflineRoundCost":
-        return RooflineRoundCost(self.gpu, self.target, self.draft, float(context), self.tp,
-                                 self.name, self.unit, self.source, dict(self.extra))
-
     def to_json(self) -> dict:
-        out = asdict(self)
-        out["kind"] = "roofline"
-        return out
+        return cost_to_json(self)
 
     @classmethod
     def from_json(cls, obj: dict) -> "RooflineRoundCost":
-        obj = {k: v for k, v in obj.items() if k != "kind"}
-        return cls(gpu=GPUSpec(**obj.pop("gpu")), target=ModelSpec(**obj.pop("target")),
-                   draft=ModelSpec(**obj.pop("draft")), **obj)
+        rest = {k: v for k, v in obj.items() if k not in ("gpu", "target", "draft", "kind")}
+        return cls(gpu=GPUSpec(**obj["gpu"]), target=ModelSpec(**obj["target"]),
+                   draft=ModelSpec(**obj["draft"]), **rest)
 
 
 def gpu_preset(name: str, context: float = 1024.0) -> RooflineRoundCost:

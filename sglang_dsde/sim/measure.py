@@ -19,13 +19,15 @@ the machine is shared, so expect +-30% between runs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from .cost import LinearRoundCost, fit_linear_cost
+from ..core.round_cost import LinearRoundCost
+from .cost import fit_linear_cost
 
 
 def _median_seconds(fn: Callable[[], None], repeats: int) -> float:
@@ -98,5 +100,4 @@ def measure_cpu_prior(target, draft, *, name: str = "cpu-prior", source: str = "
     cost = fit_linear_cost(samples["rounds"], samples["prefills"], name=name, source=source)
     extra = dict(cost.extra, samples=copy.deepcopy(samples),
                  threads=torch.get_num_threads())
-    return LinearRoundCost(**{k: getattr(cost, k) for k in (
-        "d0", "d1", "v0", "v1", "e0", "e1", "p0", "p1", "name", "unit", "source")}, extra=extra)
+    return dataclasses.replace(cost, extra=extra)

@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .cost import RoundCost
-from .trace import RequestTrace
+from ..trace import RequestTrace
 
 
 def request_dp(accept: np.ndarray, step_costs: Sequence[float], start: int = 1

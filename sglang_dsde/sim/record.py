@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..core.kl import kl_per_position
-from .trace import RequestTrace
+from ..trace import RequestTrace
 
 
 @torch.inference_mode()

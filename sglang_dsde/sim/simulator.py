@@ -33,7 +33,7 @@ import numpy as np
 
 from .controllers import ActiveRequest, Controller
 from .cost import RoundCost
-from .trace import RequestTrace
+from ..trace import RequestTrace
 
 
 @dataclass

@@ -16,7 +16,7 @@ from sglang_dsde.core.acceptance import (EPS, PRIOR_RATE, PRIOR_WEIGHT, Acceptan
 from sglang_dsde.core.policies.goodput import HISTORY_WEIGHT, PRIOR_TOKENS
 from sglang_dsde.sim import simulate, synthetic_trace
 from sglang_dsde.sim.contenders import build_controller, parse_contender
-from sglang_dsde.sim.cost import LinearRoundCost
+from sglang_dsde.core.round_cost import LinearRoundCost
 
 
 def goodput(max_slots=8, **knobs):
@@ -114,8 +114,8 @@ def run_closed_loop(pol, accept_fn, cost, rounds=400, bs=4, entropy_fn=None):
     return chosen
 
 
-GPU_LIKE = LinearRoundCost(d0=0.05, d1=0.0, v0=1.0, v1=0.005, e0=0.05, e1=0.0)
-DRAFT_DEAR = LinearRoundCost(d0=0.6, d1=0.0, v0=1.0, v1=0.2, e0=0.3, e1=0.0)
+GPU_LIKE = LinearRoundCost.from_parts(draft_step=(0.05, 0.0), verify=(1.0, 0.005), spec=(0.05, 0.0))
+DRAFT_DEAR = LinearRoundCost.from_parts(draft_step=(0.6, 0.0), verify=(1.0, 0.2), spec=(0.3, 0.0))
 
 
 def test_always_accepted_cheap_drafts_grow_to_max_steps():
@@ -190,7 +190,7 @@ def test_per_request_cut_is_refused_with_the_goodput_policy():
 def test_simulated_goodput_stops_drafting_where_no_length_pays():
     """Low agreement, expensive verify: the paper's floor of 2 loses; goodput does not."""
     trace = synthetic_trace(8, 96, 6, agree_prob=0.2, seed=0)
-    cost = LinearRoundCost(d0=0.3, d1=0.0, v0=1.0, v1=0.25, e0=0.2, e1=0.0)
+    cost = LinearRoundCost.from_parts(draft_step=(0.3, 0.0), verify=(1.0, 0.25), spec=(0.2, 0.0))
 
     def throughput(spec):
         ctl = build_controller(parse_contender(spec), max_steps=6, max_slots=2, cost=cost)

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from sglang_dsde.core.round_cost import (MIN_SAMPLES, PRIOR_SHAPE, OnlineRoundCost,
-                                         _solve_nonnegative, round_feature_list)
-from sglang_dsde.sim.cost import LinearRoundCost, round_features
+from sglang_dsde.core.round_cost import (MIN_SAMPLES, PRIOR_SHAPE, LinearRoundCost,
+                                         OnlineRoundCost, round_feature_list, round_features,
+                                         solve_nonnegative)
 
-TRUE = LinearRoundCost(d0=0.004, d1=0.0005, v0=0.03, v1=0.002, e0=0.006, e1=0.0003)
+TRUE = LinearRoundCost.from_parts(draft_step=(0.004, 0.0005), verify=(0.03, 0.002),
+                                  spec=(0.006, 0.0003))
 
 
 def feed(model, cost, points):
@@ -21,15 +22,15 @@ def feed(model, cost, points):
 
 
 def test_every_simulated_world_has_a_non_negative_representation():
-    """The simulator's parts (a verify charged per token) map onto the policy's basis (per
-    request, per drafted token of a request) with coefficients that stay >= 0."""
+    """A world described by its physical parts (a verify charged per token) maps onto the
+    one basis (per request, per drafted token of a request) with coefficients >= 0."""
     bs, k = np.array([1.0, 3.0, 8.0, 8.0]), np.array([0.0, 2.0, 0.0, 5.0])
-    world = TRUE.coefs()
-    d0, d1, v0, v1, e0, e1 = world
-    learner = np.array([d0, d1 + v1, v0, v1, e0, e1, 0.0])
+    d0, d1, v0, v_tok, e0, e1 = 0.004, 0.0005, 0.03, 0.002, 0.006, 0.0003
+    physical = k * (d0 + d1 * bs) + v0 + v_tok * bs * (k + 1) + (k > 0) * (e0 + e1 * bs)
+    learner = TRUE.coefs()
     assert (learner >= 0).all()
-    assert np.allclose(np.stack(round_feature_list(bs, k), axis=-1) @ learner,
-                       round_features(bs, k) @ world)
+    assert np.allclose(np.stack(round_feature_list(bs, k), axis=-1) @ learner, physical)
+    assert np.allclose(round_features(bs, k) @ learner, physical)
 
 
 @pytest.mark.parametrize("no_draft_per_request", [0.0, 0.011])
@@ -124,7 +125,7 @@ def test_nonnegative_solve_matches_an_exhaustive_reference(seed):
     a = rng.normal(size=(20, 6))
     gram = a.T @ a + 1e-3 * np.eye(6)
     rhs = a.T @ rng.normal(size=20)
-    got = _solve_nonnegative(torch.tensor(gram), torch.tensor(rhs)).numpy()
+    got = solve_nonnegative(torch.tensor(gram), torch.tensor(rhs)).numpy()
     ref = _nnls_reference(gram, rhs)
     objective = lambda c: 0.5 * c @ gram @ c - rhs @ c  # noqa: E731
     assert (got >= 0).all()

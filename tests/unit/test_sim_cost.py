@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from sglang_dsde.sim import ISSUE8_CPU, LinearRoundCost, fit_linear_cost, gpu_preset, load_cost
-from sglang_dsde.sim.cost import ROUND_COEFS, nnls
+from sglang_dsde.core.round_cost import ROUND_COEFS
+from sglang_dsde.sim import BS1_CPU, LinearRoundCost, fit_linear_cost, gpu_preset, load_cost
+from sglang_dsde.sim.cost import nnls
 from sglang_dsde.sim.gpu_cost import H100_SXM, LLAMA3_8B, LLAMA32_1B, forward_seconds
 
 TRUE = LinearRoundCost(d0=7e-3, d1=1.5e-3, v0=28e-3, v1=2.5e-3, e0=4e-3, e1=0.8e-3,
@@ -40,10 +41,10 @@ def test_nnls_clamps_a_negative_direction_to_zero():
     assert x[1] == 0.0 and x[0] == pytest.approx(0.5)
 
 
-def test_issue8_preset_is_issue8_formula():
+def test_bs1_preset_is_its_formula():
     # k * d + 1 + v1 * k in decode steps, d 0.19, v1 0.21
     for k in range(6):
-        assert ISSUE8_CPU.round(1, k) == pytest.approx(k * 0.19 + 1 + 0.21 * k)
+        assert BS1_CPU.round(1, k) == pytest.approx(k * 0.19 + 1 + 0.21 * k)
 
 
 def test_roofline_decode_is_weight_streaming_and_large_batches_turn_compute_bound():

@@ -9,11 +9,13 @@ from sglang_dsde.sim import (LinearRoundCost, gpu_preset, oracle_bound, parse_co
                              request_dp, run_cell)
 from sglang_dsde.sim.contenders import static_contenders
 from sglang_dsde.sim.oracle import share_costs
-from sglang_dsde.sim.trace import runs_to_accept, synthetic_trace
+from sglang_dsde.trace import runs_to_accept, synthetic_trace
 
-CPU_LIKE = LinearRoundCost(d0=0.19, d1=0.02, v0=0.79, v1=0.21, e0=0.1, e1=0.01, p0=1.0,
-                           name="cpu-like", unit="u")
-GPU_LIKE = LinearRoundCost(d0=0.06, d1=0.002, v0=0.99, v1=0.01, name="gpu-like", unit="u")
+CPU_LIKE = LinearRoundCost.from_parts(draft_step=(0.19, 0.02), verify=(0.79, 0.21),
+                                      spec=(0.1, 0.01), prefill=(1.0, 0.0), name="cpu-like",
+                                      unit="u")
+GPU_LIKE = LinearRoundCost.from_parts(draft_step=(0.06, 0.002), verify=(0.99, 0.01),
+                                      name="gpu-like", unit="u")
 
 
 def brute_force_min_cost(accept, costs, start=1):

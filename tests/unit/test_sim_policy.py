@@ -14,9 +14,10 @@ from sglang_dsde import replay
 from sglang_dsde.sim import LinearRoundCost, parse_contender, simulate
 from sglang_dsde.sim.contenders import build_controller, contender_config
 from sglang_dsde.sim.controllers import PolicyController
-from sglang_dsde.sim.trace import synthetic_request
+from sglang_dsde.trace import synthetic_request
 
-COST = LinearRoundCost(d0=0.1, d1=0.0, v0=1.0, v1=0.05, name="c", unit="u")
+COST = LinearRoundCost.from_parts(draft_step=(0.1, 0.0), verify=(1.0, 0.05), name="c",
+                                  unit="u")
 
 
 class LoggingController(PolicyController):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sglang_dsde.sim.record import greedy_generate, record_request
-from sglang_dsde.sim.trace import check_request, run_violations
+from sglang_dsde.trace import check_request, run_violations
 from tools.testing import make_tiny_llama
 
 LOG_FLOOR = float(np.log(1e-8))

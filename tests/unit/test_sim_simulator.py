@@ -8,10 +8,10 @@ import pytest
 from sglang_dsde.sim import LinearRoundCost, parse_contender, run_cell, simulate
 from sglang_dsde.sim.contenders import build_controller, static_contenders
 from sglang_dsde.sim.report import result_row
-from sglang_dsde.sim.trace import synthetic_request, synthetic_trace
+from sglang_dsde.trace import synthetic_request, synthetic_trace
 
-UNIT = LinearRoundCost(d0=0.1, d1=0.01, v0=1.0, v1=0.05, e0=0.2, p0=2.0, p1=0.01,
-                       name="unit", unit="u")
+UNIT = LinearRoundCost.from_parts(draft_step=(0.1, 0.01), verify=(1.0, 0.05),
+                                  spec=(0.2, 0.0), prefill=(2.0, 0.01), name="unit", unit="u")
 
 
 def run(requests, spec, concurrency=1, max_steps=8, log_steps=False):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from sglang_dsde.sim.trace import (TraceFormatError, TraceWriter, check_request, make_header,
+from sglang_dsde.trace import (TraceError, TraceWriter, check_request, make_header,
                                    read_trace, run_violations, runs_to_accept,
                                    synthetic_request, synthetic_trace, trace_summary)
 
@@ -43,7 +43,7 @@ def test_round_trip_and_resume_after_an_interrupted_line(tmp_path):
 def test_resume_with_another_configuration_is_refused(tmp_path):
     path = tmp_path / "t.jsonl"
     TraceWriter(path, header())
-    with pytest.raises(TraceFormatError, match="max_steps"):
+    with pytest.raises(TraceError, match="max_steps"):
         TraceWriter(path, header(max_steps=4))
 
 
@@ -52,18 +52,18 @@ def test_a_request_recorded_twice_is_refused(tmp_path):
     writer = TraceWriter(path, header())
     writer.append(synthetic_request("a", [1, 0, 1], 3))
     writer.append(synthetic_request("a", [1, 0, 1], 3))
-    with pytest.raises(TraceFormatError, match="twice"):
+    with pytest.raises(TraceError, match="twice"):
         read_trace(path)
 
 
 def test_validation_rejects_out_of_range_accept_and_bad_versions(tmp_path):
     req = synthetic_request("a", [1, 1, 1], 3)
     req.accept[2] = 2                     # only one token left at t = 2
-    with pytest.raises(TraceFormatError, match=r"accept\[2\]"):
+    with pytest.raises(TraceError, match=r"accept\[2\]"):
         check_request(req, 3)
     path = tmp_path / "v.jsonl"
     path.write_text(json.dumps(dict(header(), version=99)) + "\n")
-    with pytest.raises(TraceFormatError, match="version 99"):
+    with pytest.raises(TraceError, match="version 99"):
         read_trace(path)
 
 
