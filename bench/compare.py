@@ -1,13 +1,13 @@
-"""Real-engine comparison (issue 7): every contender on a fresh SGLang CPU server,
-driven by ``python -m sglang.bench_serving`` on the offline workloads.
+"""Real-engine comparison: every contender on a fresh SGLang CPU server, driven by
+``python -m sglang.bench_serving`` on the offline workloads.
 
     python bench/compare.py --quick          # make bench-quick: mix, C 1/4, T 0
     python bench/compare.py                  # make bench: chat/code/mix, C 1/8, T 0/1
 
-Contenders (row names follow ``sglang_dsde.sim.report``): ``static:0`` (no
-speculation), ``static:k`` (SGLang's STANDALONE with ``--speculative-num-steps k``),
-``sglang_adaptive`` (SGLang's adaptive rule as a policy on the DSDE worker), ``dsde``,
-``dsde+cut`` (``--dsde-per-request-cut``), ``goodput`` (the cost-aware policy). One server per contender (the accept length
+Contenders: the comparison's one list (``sglang_dsde.sim.contenders``): ``static:0`` (no
+speculation), ``static:k`` (SGLang's STANDALONE with ``--speculative-num-steps k``), then
+the policies on the DSDE worker (``sglang_adaptive``, ``dsde``, ``dsde+cut``, ``goodput``,
+``adaedl``), each with ``--dsde-max-steps`` steps at most. One server per contender (the accept length
 in ``/server_info`` is cumulative, so nothing leaks between contenders); every cell
 (workload x concurrency x temperature) runs on it in a fixed order. Per-cell accept
 length comes from the server's per-round decode log (``--decode-log-interval 1``):
@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -53,35 +51,12 @@ COLUMNS = (("contender", "contender", "{}"), ("accept_length", "accept len", "{:
            ("vs_static_global", "x static-global", "{:.3f}"))
 
 
-@dataclass(frozen=True)
-class Contender:
-    name: str
-    algorithm: Optional[str] = None      # None: no speculation
-    num_steps: int = 0
-    extra: Tuple[str, ...] = ()
+def contenders_for(static_steps: Sequence[int]) -> list:
+    """The comparison's one contender list (``sglang_dsde.sim.contenders``): no
+    speculation, static SL per k (SGLang's STANDALONE), then the policies on DSDE."""
+    from sglang_dsde.sim.contenders import comparison_contenders
 
-    def server_kwargs(self, draft) -> dict:
-        if self.algorithm is None:
-            return {"algorithm": None, "draft_model_path": None, "extra_args": []}
-        return {"algorithm": self.algorithm, "draft_model_path": draft,
-                "num_steps": self.num_steps, "extra_args": list(self.extra)}
-
-
-def contenders_for(static_steps: Sequence[int], dsde_max_steps: int = DSDE_MAX_STEPS
-                   ) -> List[Contender]:
-    """No speculation, static SL per k, then the adaptive policies on the DSDE worker."""
-    dsde = ("--dsde-max-steps", str(dsde_max_steps))
-    out = [Contender("static:0")]
-    out += [Contender(f"static:{k}", "STANDALONE", k) for k in static_steps]
-    out += [Contender("sglang_adaptive", "DSDE", dsde_max_steps,
-                      dsde + ("--dsde-policy", "sglang_adaptive")),
-            Contender("dsde", "DSDE", dsde_max_steps, dsde + ("--dsde-policy", "dsde")),
-            Contender("dsde+cut", "DSDE", dsde_max_steps,
-                      dsde + ("--dsde-policy", "dsde", "--dsde-per-request-cut")),
-            # min_steps 0: the policy may choose not to draft (SGLang's step-0 state).
-            Contender("goodput", "DSDE", dsde_max_steps,
-                      dsde + ("--dsde-policy", "goodput", "--dsde-min-steps", "0"))]
-    return out
+    return comparison_contenders(static_steps)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -115,7 +90,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     a.stem = a.stem or ("quick" if quick else "full")
     if any(c < 1 for c in a.concurrency) or a.num_prompts < 1 or a.max_new_tokens < 4:
         p.error("concurrency >= 1, num-prompts >= 1 and max-new-tokens >= 4 required")
-    known = {c.name for c in contenders_for(a.static_steps, a.dsde_max_steps)}
+    known = {c.name for c in contenders_for(a.static_steps)}
     if a.contenders and not set(a.contenders) <= known:
         p.error(f"unknown contender(s) {sorted(set(a.contenders) - known)}; known {sorted(known)}")
     return a
@@ -178,34 +153,6 @@ def bench_row(result: dict, *, contender: str, accept_length: Optional[float], *
             "tpot_mean": result.get("mean_tpot_ms"),
             "accept_length": accept_length,
             "server_accept_length": result.get("accept_length")}
-
-
-def add_global_static(rows: List[dict], cell_keys: Sequence[str] = CELL_KEYS) -> List[dict]:
-    """``vs_static_global``: throughput / that of the one static SL that is best across
-    workloads (largest geometric-mean throughput over the workloads) for the same
-    concurrency and temperature; ``static_global`` names it."""
-    rest = [k for k in cell_keys if k != "workload"]
-    groups: Dict[tuple, List[dict]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r.get(k) for k in rest), []).append(r)
-    for members in groups.values():
-        workloads = sorted({r.get("workload") for r in members}, key=str)
-        by = {(r.get("workload"), r["contender"]): r for r in members}
-        statics = sorted({r["contender"] for r in members
-                          if str(r["contender"]).startswith("static:")})
-        best, best_score = None, -math.inf
-        for name in statics:
-            tps = [by[(w, name)]["throughput"] for w in workloads if (w, name) in by]
-            if len(tps) != len(workloads) or min(tps) <= 0:
-                continue
-            score = sum(math.log(t) for t in tps) / len(tps)
-            if score > best_score:
-                best, best_score = name, score
-        for r in members:
-            ref = by.get((r.get("workload"), best)) if best else None
-            r["static_global"] = best
-            r["vs_static_global"] = r["throughput"] / ref["throughput"] if ref else None
-    return rows
 
 
 def sl_log(answers: Dict[str, List[int]]) -> List[Dict[str, int]]:
@@ -297,18 +244,20 @@ def _sl_traces(server, prompts, max_new_tokens: int, n: int) -> Dict[str, List[i
     return answers
 
 
-def _server_extra(c: Contender) -> List[str]:
-    return list(c.server_kwargs(None)["extra_args"]) + [
-        "--log-level", "info", "--decode-log-interval", "1"]
+def server_kwargs(c, draft, max_steps: int) -> dict:
+    """How the engine runs contender ``c``, with the per-round decode log on."""
+    kw = c.server_kwargs(draft, max_steps=max_steps)
+    kw["extra_args"] = kw["extra_args"] + ["--log-level", "info", "--decode-log-interval", "1"]
+    return kw
 
 
-def run_contender(c: Contender, *, pair, datasets: Dict[str, Path], args,
+def run_contender(c, *, pair, datasets: Dict[str, Path], args,
                   work: Path, prompts) -> Tuple[List[dict], List[Tuple[int, int, float]], dict]:
     from tools.serving import running_server
 
     rows, samples, extra = [], [], {}
-    kw = c.server_kwargs(pair.draft)
-    kw["extra_args"] = _server_extra(c)
+    kw = server_kwargs(c, pair.draft, args.dsde_max_steps)
+    algorithm = kw["algorithm"]
     t0 = time.monotonic()
     with running_server(pair.target, max_total_tokens=4096, log_dir=work / "logs",
                         startup_timeout=600, **kw) as server:
@@ -334,22 +283,22 @@ def run_contender(c: Contender, *, pair, datasets: Dict[str, Path], args,
                         print(proc.stdout[-2000:], proc.stderr[-3000:], sep="\n")
                         raise RuntimeError(f"bench_serving failed for {c.name} {cell}")
                     result = json.loads(out.read_text().strip().splitlines()[-1])
-                    al = cell_accept_length(lines) if c.algorithm else None
+                    al = cell_accept_length(lines) if algorithm else None
                     row = bench_row(result, contender=c.name, accept_length=al, **cell)
                     state = _dsde_state(server)
                     if state is not None:
                         row["dsde_steps_histogram"] = state.get("batch_steps_histogram")
                     rows.append(row)
-                    if c.algorithm in (None, "STANDALONE") and temp == 0:
-                        samples += round_samples(lines, c.num_steps)
+                    if c.static_steps is not None and temp == 0:
+                        samples += round_samples(lines, c.static_steps)
                     print(f"  {w} C={conc} T={temp}: {row['throughput']:.2f} tok/s, "
                           f"E2E {row['latency_mean']:.2f}s, accept "
                           f"{'-' if al is None else f'{al:.2f}'} "
                           f"({time.monotonic() - t1:.0f}s)", flush=True)
-        if c.algorithm == "DSDE" and args.sl_requests > 0:
+        if algorithm == "DSDE" and args.sl_requests > 0:
             extra["sl"] = _sl_traces(server, prompts, args.max_new_tokens, args.sl_requests)
             extra["dsde_state"] = _dsde_state(server)
-        extra["server_accept_length"] = server.accept_length() if c.algorithm else None
+        extra["server_accept_length"] = server.accept_length() if algorithm else None
     return rows, samples, extra
 
 
@@ -357,7 +306,7 @@ def validate(trace_path: str, rows: List[dict], prompt_ids: Sequence[str] = ()
              ) -> Optional[dict]:
     """Simulated static accept length (same workload, greedy, C = 1) vs the engine's, on
     the trace's requests that the engine ran (``prompt_ids``; all when empty)."""
-    from sglang_dsde.sim import ISSUE8_CPU, read_trace
+    from sglang_dsde.sim import BS1_CPU, read_trace
     from sglang_dsde.sim.experiment import static_accept_lengths
 
     path = Path(trace_path)
@@ -377,7 +326,7 @@ def validate(trace_path: str, rows: List[dict], prompt_ids: Sequence[str] = ()
         return None
     # At C = 1 a static schedule does not depend on the cost model (only times do).
     sim = static_accept_lengths(requests, max_steps=max(engine), concurrency=1,
-                                cost=ISSUE8_CPU)
+                                cost=BS1_CPU)
     return {"trace": str(path), "workload": workload, "num_requests": len(requests),
             "draft": trace.header.get("draft"), "rows": validation_rows(sim, engine)}
 
@@ -404,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         datasets[w] = write_dataset(work / f"{w}.jsonl", prompts, tok)
         first_prompts = first_prompts or prompts
         prompt_ids[w] = [p.id for p in prompts]
-    contenders = [c for c in contenders_for(args.static_steps, args.dsde_max_steps)
+    contenders = [c for c in contenders_for(args.static_steps)
                   if not args.contenders or c.name in args.contenders]
     rows, samples, sl_logs, states, failed = [], [], {}, {}, []
     t_start = time.monotonic()
@@ -425,7 +374,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if extra.get("dsde_state"):
             states[c.name] = extra["dsde_state"]
     report.add_ratios(rows, cell_keys=CELL_KEYS)
-    add_global_static(rows)
+    report.add_single_static(rows, CELL_KEYS, across=("workload",))
     names = [c.name for c in contenders]
     notes = [f"target {pair.target.name}, draft {pair.draft.name} ({pair.draft_kind}); "
              f"{args.num_prompts} prompts x {args.max_new_tokens} output tokens (ignore_eos), "

@@ -7,14 +7,16 @@
 * Traces: the given files, else every ``bench/results/traces/*.jsonl``
   (``bench/record_traces.py``); ``--synthetic`` adds a seeded i.i.d. trace (60%
   agreement, constant KL levels) for a quick look without models.
-* Cost specs: ``cpu:FILE`` (a fitted ``LinearRoundCost`` JSON: the CPU prior written by
-  ``record_traces.py --measure-cost``, or the engine's fit), ``issue8-gpu-like`` /
-  ``issue8-cpu`` (batch-1 presets; only run at concurrency 1), ``h100-llama3-8b`` /
-  ``h100x4-llama3-70b`` (roofline, context = the trace's mean prompt + half its output).
-  Default: every ``bench/results/sim/cpu_prior_*.json`` plus both H100 presets.
+* Cost specs (``sglang_dsde.sim.cost.cost_from_spec``): ``cpu:FILE`` / ``file:FILE`` (a
+  fitted ``LinearRoundCost`` JSON: the CPU prior written by ``record_traces.py
+  --measure-cost``, or the engine's fit), ``bs1-gpu-like`` / ``bs1-cpu`` (batch-1
+  presets; only run at concurrency 1), ``h100-llama3-8b`` / ``h100x4-llama3-70b``
+  (roofline, context = the trace's mean prompt + half its output). Default: every
+  ``bench/results/sim/cpu_prior_*.json`` plus both H100 presets.
 * Contenders: ``static:0 .. static:K`` (K = the trace's max_steps) always, then the
-  ``--contenders`` list (default: goodput, dsde, dsde+cut, sglang_adaptive, adaedl,
-  hindsight-greedy); the oracle bound is added to every cell.
+  ``--contenders`` list (default: the comparison's policy list,
+  ``sim.contenders.POLICY_CONTENDERS``, and hindsight-greedy); the oracle bound is
+  added to every cell.
 * ``--seed`` shuffles the arrival order of each trace's requests (0: file order).
 
 Writes ``OUT/sim.md`` and ``OUT/sim.json`` (every row; ``sglang_dsde.sim.report``),
@@ -37,15 +39,15 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from sglang_dsde.sim import (GPU_PRESETS, ISSUE8_CPU, ISSUE8_GPU_LIKE, gpu_preset,  # noqa: E402
-                             load_cost, parse_contenders, read_trace, run_cell, synthetic_trace)
-from sglang_dsde.sim.contenders import static_contenders  # noqa: E402
-from sglang_dsde.sim.report import write_tables  # noqa: E402
+from sglang_dsde.sim import (GPU_PRESETS, cost_from_spec, parse_contenders,  # noqa: E402
+                             read_trace, run_cell, synthetic_trace)
+from sglang_dsde.sim.contenders import POLICY_CONTENDERS, static_contenders  # noqa: E402
+from sglang_dsde.sim.cost import BATCH1_PRESETS, default_context  # noqa: E402
+from sglang_dsde.sim.report import best_single_static, write_tables  # noqa: E402
 from sglang_dsde.trace import trace_summary  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_CONTENDERS = "goodput;dsde;dsde+cut;sglang_adaptive;adaedl;hindsight-greedy"
-BATCH1_ONLY = {"issue8-gpu-like", "issue8-cpu"}
+DEFAULT_CONTENDERS = ";".join(POLICY_CONTENDERS + ("hindsight-greedy",))
 
 
 def trace_name(path: Path, header: dict) -> str:
@@ -54,20 +56,14 @@ def trace_name(path: Path, header: dict) -> str:
 
 def build_costs(specs, trace):
     """(name, cost) pairs for one trace (the roofline context depends on the trace)."""
-    ctx = float(np.mean([r.prompt_len + r.num_tokens / 2 for r in trace.requests]))
+    ctx = default_context(trace.requests)
     out = []
     for spec in specs:
-        if spec.startswith("cpu:"):
-            cost = load_cost(spec[4:])
-            out.append((f"{cost.name}", cost))
-        elif spec == "issue8-gpu-like":
-            out.append((spec, ISSUE8_GPU_LIKE))
-        elif spec == "issue8-cpu":
-            out.append((spec, ISSUE8_CPU))
-        elif spec in GPU_PRESETS:
-            out.append((spec, gpu_preset(spec, context=ctx)))
-        else:
-            sys.exit(f"simulate: unknown cost spec {spec!r}")
+        try:
+            cost = cost_from_spec(spec, context=ctx)
+        except ValueError as exc:
+            sys.exit(f"simulate: {exc}")
+        out.append((cost.name if spec.startswith(("cpu:", "file:")) else spec, cost))
     return out
 
 
@@ -90,9 +86,7 @@ def summary_lines(rows, contenders):
         cols += [f"{by[c]['mean_steps']:.1f}" if c in by else "-" for c in sl_of]
         lines.append("| " + " | ".join(cols) + " |")
     # The best single static SL over all cells: what one profiled length gets everywhere.
-    statics = sorted({r["contender"] for r in rows if str(r["contender"]).startswith("static:")})
-    global_static = max(statics, key=lambda s: float(np.mean(
-        [r["vs_static_opt"] for r in rows if r["contender"] == s])))
+    global_static = best_single_static(rows, ("trace", "cost", "concurrency"))
     lines += ["", "| contender | worst x static-opt | mean x static-opt | mean x "
               f"{global_static} (best single static) | mean x oracle |", "|---|---|---|---|---|"]
     for c in contenders + [global_static]:
@@ -151,7 +145,7 @@ def main(argv=None) -> int:
         contenders = static_contenders(trace.max_steps) + extra
         for cost_name, cost in build_costs(cost_specs, trace):
             for conc in args.concurrency:
-                if cost_name in BATCH1_ONLY and conc != 1:
+                if cost_name in BATCH1_PRESETS and conc != 1:
                     continue
                 cell = {"trace": name, "cost": cost_name}
                 bar = tqdm(total=len(contenders), desc=f"{name} {cost_name} C={conc}",

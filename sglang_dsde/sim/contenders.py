@@ -1,4 +1,4 @@
-"""Contender specs: which SL controller a simulation (or a bench run) uses, by name.
+"""Contenders: the one list of what a simulation or an engine bench compares, by name.
 
 Spec strings (CLI ``--contenders``, comma-separated lists become ``;``-separated when
 knobs are given)::
@@ -13,9 +13,13 @@ knobs are given)::
     hindsight-greedy          the myopic hindsight schedule (needs the cost model)
 
 Every policy contender gets ``max_steps`` = the trace's (unless a knob says less) and a
-new request's SL = ``initial_steps`` (default 4, the replay's default, clamped into the
-policy's range) unless the knobs set ``initial_steps``. The label of a contender is its
-spec string. ``build_controller`` builds a fresh controller per simulation.
+new request's SL = ``config.initial_steps_for`` unless the knobs set ``initial_steps``.
+The label of a contender is its spec string. ``build_controller`` builds a fresh
+controller per simulation; ``Contender.server_kwargs`` says how the engine runs it
+(``static:0``: no speculation; ``static:k``: SGLang's STANDALONE with k steps; a policy:
+``--speculative-algorithm DSDE`` with its knobs as ``--dsde-*`` flags).
+``POLICY_CONTENDERS`` is the list the simulator and the engine bench both compare
+(after ``static:0 .. static:K``; the simulator adds ``hindsight-greedy``).
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from ..config import DSDEConfig, default_min_steps, knob_names, knob_type
+from ..config import DSDEConfig, initial_steps_for, knob_flag, knob_names, knob_type
 from ..core.policies import POLICIES
 from .controllers import Controller, HindsightGreedyController, PolicyController
 from .cost import RoundCost
 
-DEFAULT_INITIAL_STEPS = 4
+#: The policy contenders every comparison runs, simulated and on the engine.
+POLICY_CONTENDERS = ("sglang_adaptive", "dsde", "dsde+cut", "goodput", "adaedl")
 
 #: Knob presets of the named contenders (applied before the spec's own knobs).
 NAMED = {
@@ -53,6 +58,32 @@ class Contender:
         if self.policy == "static":
             return self.knobs.get("initial_steps")
         return None
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def server_kwargs(self, draft, *, max_steps: int) -> dict:
+        """``tools.serving.running_server`` arguments that run this contender on the
+        engine (module docstring); policies draft at most ``max_steps`` (a knob may say
+        less) and start at that many."""
+        if self.kind != "policy":
+            raise ValueError(f"contender {self.label} cannot run on the engine")
+        k = self.static_steps
+        if k == 0:
+            return {"algorithm": None, "draft_model_path": None, "extra_args": []}
+        if k is not None:
+            return {"algorithm": "STANDALONE", "draft_model_path": draft, "num_steps": k,
+                    "extra_args": []}
+        knobs = {"max_steps": max_steps, "policy": self.policy, **self.knobs}
+        flags = []
+        for key, value in knobs.items():
+            if isinstance(value, bool):
+                flags.append(knob_flag(key) if value else "--no-" + knob_flag(key)[2:])
+            else:
+                flags += [knob_flag(key), str(value)]
+        return {"algorithm": "DSDE", "draft_model_path": draft,
+                "num_steps": knobs["max_steps"], "extra_args": flags}
 
 
 def _parse_value(name: str, text: str):
@@ -95,8 +126,17 @@ def parse_contenders(text: str) -> List[Contender]:
     return [parse_contender(p) for p in parts if p.strip()]
 
 
-def static_contenders(max_steps: int) -> List[Contender]:
-    return [parse_contender(f"static:{k}") for k in range(max_steps + 1)]
+def static_contenders(steps) -> List[Contender]:
+    """``static:k`` for each k of ``steps`` (an int K means 0 .. K)."""
+    steps = range(steps + 1) if isinstance(steps, int) else steps
+    return [parse_contender(f"static:{k}") for k in steps]
+
+
+def comparison_contenders(static_steps, policies=POLICY_CONTENDERS) -> List[Contender]:
+    """The one list: ``static:0`` (no speculation), ``static:k`` for each k of
+    ``static_steps`` (an int K means 1 .. K), then the policy contenders."""
+    steps = range(1, static_steps + 1) if isinstance(static_steps, int) else static_steps
+    return static_contenders([0, *steps]) + [parse_contender(p) for p in policies]
 
 
 def contender_config(c: Contender, max_steps: int) -> DSDEConfig:
@@ -105,10 +145,9 @@ def contender_config(c: Contender, max_steps: int) -> DSDEConfig:
     if knobs["max_steps"] > max_steps:
         raise ValueError(f"contender {c.label}: max_steps {knobs['max_steps']} exceeds the "
                          f"trace's {max_steps}")
-    min_steps = knobs.get("min_steps", default_min_steps(c.policy))
-    if "initial_steps" not in knobs:
-        knobs["initial_steps"] = min(max(DEFAULT_INITIAL_STEPS, min_steps), knobs["max_steps"])
-    return DSDEConfig(policy=c.policy, **knobs)
+    cfg = DSDEConfig(policy=c.policy, **knobs)
+    return cfg if cfg.initial_steps is not None else cfg.replace(
+        initial_steps=initial_steps_for(cfg))
 
 
 def build_controller(c: Contender, *, max_steps: int, max_slots: int,
@@ -116,6 +155,4 @@ def build_controller(c: Contender, *, max_steps: int, max_slots: int,
     """A fresh controller for one simulation run."""
     if c.kind == "hindsight-greedy":
         return HindsightGreedyController(cost, max_steps)
-    cfg = contender_config(c, max_steps)
-    return PolicyController(cfg, max_slots=max_slots, initial_steps=cfg.initial_steps,
-                            name=c.label)
+    return PolicyController(contender_config(c, max_steps), max_slots=max_slots, name=c.label)

@@ -52,6 +52,12 @@ def load_cost(path) -> RoundCost:
     return _KINDS[obj.get("kind", "linear")].from_json(obj)
 
 
+def default_context(requests) -> float:
+    """The roofline models' context per request for a workload: its mean prompt plus half
+    its output (the mean context over a request's decode)."""
+    return float(np.mean([r.prompt_len + r.num_tokens / 2 for r in requests]))
+
+
 def cost_from_spec(spec: str, *, context: float = 1024.0) -> RoundCost:
     """The world model ``spec`` names (module docstring); ``ValueError`` when unknown."""
     for prefix in ("file:", "cpu:"):

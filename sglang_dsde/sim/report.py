@@ -4,8 +4,13 @@ A *cell* is one (trace, cost model, concurrency) setting; a *row* is one contend
 cell. ``result_row`` / ``oracle_row`` make rows, ``add_ratios`` fills the per-cell ratios:
 
 * ``speedup``: throughput / throughput of ``static:0`` (no speculation) in the cell;
-* ``vs_static_opt``: throughput / the best static SL's throughput in the cell;
+* ``vs_static_opt``: throughput / the best static SL's throughput in the cell
+  (``best_static``: no speculation counts as static 0);
 * ``oracle_frac``: throughput / the oracle bound's throughput in the cell.
+
+``add_single_static`` adds ``vs_static_global``: throughput / that of the one static SL
+that is best over a group of cells (``best_single_static``: the largest geometric mean
+of ``vs_static_opt`` over the group), what one profiled length gets everywhere.
 
 ``accept_length`` is tokens produced by decode rounds per request-round (bonus token
 included): what SGLang reports as the average accept length. Times are in the cost
@@ -83,16 +88,30 @@ def _cell_key(row: dict, cell_keys: Sequence[str]) -> tuple:
     return tuple(row.get(k) for k in cell_keys)
 
 
+def is_static(row: dict) -> bool:
+    return str(row["contender"]).startswith("static:")
+
+
+def best_static(members: Sequence[dict]) -> Optional[dict]:
+    """The row of the best static SL of one cell (``static:0``, no speculation, counts):
+    the one definition of "best static" (ties: the first)."""
+    statics = [r for r in members if is_static(r)]
+    return max(statics, key=lambda r: r["throughput"]) if statics else None
+
+
+def _group(rows: Iterable[dict], keys: Sequence[str]) -> Dict[tuple, List[dict]]:
+    groups: Dict[tuple, List[dict]] = {}
+    for row in rows:
+        groups.setdefault(_cell_key(row, keys), []).append(row)
+    return groups
+
+
 def add_ratios(rows: List[dict], cell_keys: Sequence[str] = ("trace", "cost", "concurrency")
                ) -> List[dict]:
     """Fill ``speedup``, ``vs_static_opt``, ``static_opt``, ``oracle_frac`` in place."""
-    cells: Dict[tuple, List[dict]] = {}
-    for row in rows:
-        cells.setdefault(_cell_key(row, cell_keys), []).append(row)
-    for members in cells.values():
+    for members in _group(rows, cell_keys).values():
         by_name = {r["contender"]: r for r in members}
-        statics = [r for r in members if str(r["contender"]).startswith("static:")]
-        best = max(statics, key=lambda r: r["throughput"]) if statics else None
+        best = best_static(members)
         base = by_name.get(NO_SPEC)
         oracle = by_name.get(ORACLE)
         for r in members:
@@ -100,6 +119,38 @@ def add_ratios(rows: List[dict], cell_keys: Sequence[str] = ("trace", "cost", "c
             r["vs_static_opt"] = r["throughput"] / best["throughput"] if best else None
             r["static_opt"] = best["contender"] if best else None
             r["oracle_frac"] = r["throughput"] / oracle["throughput"] if oracle else None
+    return rows
+
+
+def best_single_static(rows: Sequence[dict], cell_keys: Sequence[str]) -> Optional[str]:
+    """The static SL with the largest geometric mean of ``vs_static_opt`` over the cells
+    of ``rows`` (``add_ratios`` first); only SLs present in every cell compete."""
+    cells = _group(rows, cell_keys)
+    names = sorted({r["contender"] for r in rows if is_static(r)})
+    best, best_score = None, -math.inf
+    for name in names:
+        ratios = [r["vs_static_opt"] for members in cells.values() for r in members
+                  if r["contender"] == name]
+        if len(ratios) != len(cells) or min(ratios) <= 0:
+            continue
+        score = sum(math.log(x) for x in ratios) / len(ratios)
+        if score > best_score:
+            best, best_score = name, score
+    return best
+
+
+def add_single_static(rows: List[dict], cell_keys: Sequence[str],
+                      across: Sequence[str]) -> List[dict]:
+    """Fill ``static_global`` / ``vs_static_global`` in place: per group of cells that
+    differ only in ``across``, the ``best_single_static`` of the group."""
+    rest = [k for k in cell_keys if k not in across]
+    for members in _group(rows, rest).values():
+        best = best_single_static(members, cell_keys)
+        by = {(_cell_key(r, cell_keys), r["contender"]): r for r in members}
+        for r in members:
+            ref = by.get((_cell_key(r, cell_keys), best)) if best else None
+            r["static_global"] = best
+            r["vs_static_global"] = r["throughput"] / ref["throughput"] if ref else None
     return rows
 
 

@@ -20,7 +20,8 @@
 
 Outputs (``SimResult``): per request timings and counts, and a round log (start time,
 ``bs``, ``batch_steps``, tokens, request-rounds; with ``log_steps`` also each request's
-drafted count per round, for plots). Deterministic: no randomness at all.
+drafted count per round, for plots; with ``log_rounds`` the round view of the run, the
+lines ``sglang_dsde.replay`` replays open loop). Deterministic: no randomness at all.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 
 from .controllers import ActiveRequest, Controller
 from .cost import RoundCost
-from ..trace import RequestTrace
+from ..trace import RequestTrace, round_line_json
 
 
 @dataclass
@@ -74,6 +75,8 @@ class SimResult:
     round_tokens: np.ndarray
     #: Per round, ``{request id: drafted}`` (only with ``log_steps``).
     round_req_steps: List[Dict[str, int]] = field(default_factory=list)
+    #: The round view (``trace.round_line_json`` lines; only with ``log_rounds``).
+    round_view: List[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -81,7 +84,8 @@ class SimResult:
 
 
 def simulate(requests: Sequence[RequestTrace], controller: Controller, cost: RoundCost, *,
-             concurrency: int, log_steps: bool = False, name: str = "") -> SimResult:
+             concurrency: int, log_steps: bool = False, log_rounds: bool = False,
+             name: str = "") -> SimResult:
     """Run ``controller`` over ``requests`` (module docstring). Slots are ``0 .. C-1``."""
     if concurrency < 1:
         raise ValueError(f"concurrency = {concurrency}: expected >= 1")
@@ -92,6 +96,7 @@ def simulate(requests: Sequence[RequestTrace], controller: Controller, cost: Rou
     clock = 0.0
     log_start, log_bs, log_steps_arr, log_tokens = [], [], [], []
     req_steps_log: List[Dict[str, int]] = []
+    round_view: List[str] = []
 
     def finish(req: ActiveRequest) -> None:
         results[req.slot].finish_time = clock
@@ -128,6 +133,9 @@ def simulate(requests: Sequence[RequestTrace], controller: Controller, cost: Rou
         log_steps_arr.append(batch_steps)
         if log_steps:
             req_steps_log.append({r.trace.id: int(d) for r, d in zip(active, req_drafted)})
+        if log_rounds:
+            round_view += _round_view(len(log_bs) - 1, active, req_drafted, req_accepted,
+                                      round_cost)
         tokens = 0
         still, done_slots = [], []
         for req, acc in zip(active, req_accepted):
@@ -151,4 +159,19 @@ def simulate(requests: Sequence[RequestTrace], controller: Controller, cost: Rou
     return SimResult(name or controller.name, concurrency, clock, finished,
                      np.array(log_start), np.array(log_bs, dtype=np.int64),
                      np.array(log_steps_arr, dtype=np.int64),
-                     np.array(log_tokens, dtype=np.int64), req_steps_log)
+                     np.array(log_tokens, dtype=np.int64), req_steps_log, round_view)
+
+
+def _round_view(round_id: int, batch: Sequence[ActiveRequest], req_drafted, req_accepted,
+                seconds: float) -> List[str]:
+    """One round of the run as round-view lines (before positions advance)."""
+    lines = []
+    for r, d, a in zip(batch, req_drafted, req_accepted):
+        entropy = r.trace.draft_entropy
+        lines.append(round_line_json(
+            round=round_id, request=r.trace.id, drafted=int(d), accepted=int(a),
+            kl=r.trace.kl[r.pos][:int(d)],
+            draft_entropy=None if entropy is None else entropy[r.pos][:int(d)],
+            first_entropy=None if entropy is None else float(entropy[r.pos][0]),
+            done=min(int(a) + 1, r.remaining) >= r.remaining, seconds=seconds))
+    return lines

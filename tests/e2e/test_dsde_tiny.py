@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import json
 import random
 import time
 
 import pytest
-import torch
 
 from tools.testing import TINY_PROMPTS as PROMPTS
 from tools.testing import make_tiny_llama, running_server

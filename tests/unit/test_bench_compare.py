@@ -38,16 +38,19 @@ def test_parse_args_rejects_bad_values():
 
 
 def test_contenders():
-    cs = {c.name: c for c in compare.contenders_for([1, 2], dsde_max_steps=4)}
+    cs = {c.name: c for c in compare.contenders_for([1, 2])}
     assert list(cs) == ["static:0", "static:1", "static:2", "sglang_adaptive", "dsde",
-                        "dsde+cut", "goodput"]
-    assert cs["goodput"].extra[-4:] == ("--dsde-policy", "goodput", "--dsde-min-steps", "0")
-    assert cs["static:0"].server_kwargs("D")["algorithm"] is None
-    assert cs["static:2"].server_kwargs("D") == {
+                        "dsde+cut", "goodput", "adaedl"]
+    goodput = compare.server_kwargs(cs["goodput"], "D", 4)
+    assert goodput["algorithm"] == "DSDE" and goodput["num_steps"] == 4
+    assert goodput["extra_args"][:4] == ["--dsde-max-steps", "4", "--dsde-policy", "goodput"]
+    assert cs["static:0"].server_kwargs("D", max_steps=4)["algorithm"] is None
+    assert cs["static:2"].server_kwargs("D", max_steps=4) == {
         "algorithm": "STANDALONE", "draft_model_path": "D", "num_steps": 2, "extra_args": []}
-    assert "--dsde-per-request-cut" in cs["dsde+cut"].extra
-    assert cs["sglang_adaptive"].extra[-1] == "sglang_adaptive"
-    extra = compare._server_extra(cs["dsde"])
+    assert "--dsde-per-request-cut" in compare.server_kwargs(cs["dsde+cut"], "D", 4)["extra_args"]
+    assert cs["sglang_adaptive"].server_kwargs("D", max_steps=4)["extra_args"][3] == \
+        "sglang_adaptive"
+    extra = compare.server_kwargs(cs["dsde"], "D", 4)["extra_args"]
     assert extra[-4:] == ["--log-level", "info", "--decode-log-interval", "1"]
 
 
@@ -83,7 +86,7 @@ def test_rows_ratios_and_tables(tmp_path):
     assert rows[0]["latency_mean"] == 2.0 and rows[0]["latency_p99"] == 4.0
     assert rows[0]["tpot_mean"] == 50.0 and rows[0]["server_accept_length"] == 1.3
     report.add_ratios(rows, cell_keys=compare.CELL_KEYS)
-    compare.add_global_static(rows)
+    report.add_single_static(rows, compare.CELL_KEYS, across=("workload",))
     by = {(r["workload"], r["contender"]): r for r in rows}
     assert by[("chat", "dsde")]["static_opt"] == "static:1"
     assert by[("chat", "dsde")]["vs_static_opt"] == pytest.approx(9 / 12)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from dsde_reference import reference_replay
 from sglang_dsde.config import DSDEConfig
-from sglang_dsde.replay import main, read_trace, run_rounds
+from sglang_dsde.replay import main, run_rounds
+from sglang_dsde.trace import read_trace
 
 REPO = Path(__file__).resolve().parents[2]
 HAND_TRACE = Path(__file__).parent / "data" / "dsde_hand_trace.jsonl"
@@ -167,10 +168,61 @@ def traces(draw):
        decay=st.sampled_from([0.9, 0.85, 0.5]), initial=st.integers(2, 10))
 def test_replay_equals_independent_reference(lines, window, decay, initial):
     text = [json.dumps(x) for x in lines]
-    rounds, max_slots = read_trace(text)
-    assert max_slots <= len({x["request"] for x in lines}) + sum(bool(x.get("done")) for x in lines)
+    view = read_trace(text)
+    assert view.max_slots <= (len({x["request"] for x in lines})
+                              + sum(bool(x.get("done")) for x in lines))
     cfg = DSDEConfig(policy="dsde", window=window, decay=decay, initial_steps=initial)
-    got = [json.dumps(x) for x in run_rounds(rounds, max_slots, cfg)]
+    got = [json.dumps(x) for x in run_rounds(view, cfg)]
     want = [json.dumps(x) for x in reference_replay(lines, window=window, decay=decay,
                                                     initial_steps=initial)]
     assert got == want
+
+
+# -- one trace format: a trace replayed closed loop, its round view open loop --------------
+
+def _goodput_trace(tmp_path, num_requests=6, seed=3):
+    from sglang_dsde.trace import TraceWriter, synthetic_trace
+
+    trace = synthetic_trace(num_requests, 40, 6, 0.7, seed=seed)
+    path = tmp_path / "sim-trace.jsonl"
+    writer = TraceWriter(path, trace.header)
+    for req in trace.requests:
+        writer.append(req)
+    return path, read_trace(path)
+
+
+@pytest.mark.parametrize("policy,concurrency", [("goodput", 1), ("goodput", 3), ("dsde", 3)])
+def test_cli_closed_loop_equals_the_simulator(tmp_path, policy, concurrency):
+    """``replay TRACE --policy goodput`` on a per-position trace prints exactly the
+    simulator's decisions for the same trace and cost model."""
+    from sglang_dsde.sim import PolicyController, cost_from_spec, simulate
+    from sglang_dsde.sim.cost import default_context
+
+    path, trace = _goodput_trace(tmp_path)
+    cost = cost_from_spec("h100-llama3-8b", context=default_context(trace.requests))
+    controller = PolicyController(DSDEConfig(policy=policy, max_steps=trace.max_steps),
+                                  max_slots=concurrency)
+    simulate(trace.requests, controller, cost, concurrency=concurrency)
+    proc = run_cli(path, "--policy", policy, "--cost", "h100-llama3-8b",
+                   "--concurrency", concurrency)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.splitlines() == [json.dumps(d) for d in controller.decisions]
+    assert len(controller.decisions) > 20
+    if policy == "goodput":  # the policy did speculate and changed its mind on the way
+        steps = {s for d in controller.decisions for s in d["steps"].values()}
+        assert len(steps) > 1, steps
+
+
+@pytest.mark.parametrize("policy", ["goodput", "dsde", "sglang_adaptive", "adaedl"])
+def test_open_loop_replay_of_the_simulators_round_view_gives_its_decisions(tmp_path, policy):
+    """The round view the simulator derives from a trace (what each request drafted,
+    accepted, its KL, the round's cost) replays open loop into the same decisions."""
+    from sglang_dsde.sim import PolicyController, cost_from_spec, simulate
+
+    _, trace = _goodput_trace(tmp_path, seed=5)
+    cfg = DSDEConfig(policy=policy, max_steps=trace.max_steps)
+    controller = PolicyController(cfg, max_slots=3)
+    result = simulate(trace.requests, controller, cost_from_spec("bs1-cpu"), concurrency=3,
+                      log_rounds=True)
+    view = read_trace(result.round_view)
+    assert list(run_rounds(view, cfg)) == controller.decisions

@@ -14,7 +14,7 @@ from sglang_dsde import replay
 from sglang_dsde.sim import LinearRoundCost, parse_contender, simulate
 from sglang_dsde.sim.contenders import build_controller, contender_config
 from sglang_dsde.sim.controllers import PolicyController
-from sglang_dsde.trace import synthetic_request
+from sglang_dsde.trace import read_trace, synthetic_request
 
 COST = LinearRoundCost.from_parts(draft_step=(0.1, 0.0), verify=(1.0, 0.05), name="c",
                                   unit="u")
@@ -62,8 +62,8 @@ def test_simulated_decisions_equal_the_replayed_core(spec, concurrency):
                    concurrency=concurrency, log_steps=True)
     lines = [json.dumps(dict(round=i, temperature=0.0, **entry))
              for i, entries in enumerate(controller.rounds) for entry in entries]
-    rounds, max_slots = replay.read_trace(lines, need_entropy=True)
-    decisions = list(replay.run_rounds(rounds, max_slots, cfg))
+    view = read_trace(lines, need_entropy=True)
+    decisions = list(replay.run_rounds(view, cfg))
     assert len(decisions) == len(res.round_req_steps) == len(controller.rounds)
     current = {}          # each running request's SL as decided by the replay
     checked = 0

@@ -28,7 +28,6 @@ equals a count of satisfied thresholds, which is how it runs here without a host
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional
 
 import torch
