@@ -105,9 +105,25 @@ class RoundCost(Protocol):
     def to_json(self) -> dict: ...
 
 
-def cost_to_json(cost) -> dict:
-    """A cost dataclass as JSON, tagged with its ``kind`` (``load_cost`` dispatches on it)."""
-    return {**dataclasses.asdict(cost), "kind": cost.kind}
+@dataclass(frozen=True, kw_only=True)
+class CostModel:
+    """What every world model carries besides its parameters (keyword-only fields)."""
+
+    #: Short name in tables (default: the model's ``kind``).
+    name: str = ""
+    unit: str = "s"
+    #: Where the parameters come from.
+    source: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+    kind = ""
+
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", self.kind)
+
+    def to_json(self) -> dict:
+        """The model as JSON, tagged with its ``kind`` (``load_cost`` dispatches on it)."""
+        return {**dataclasses.asdict(self), "kind": self.kind}
 
 
 def _fields_of(cls, obj: dict) -> dict:
@@ -115,7 +131,7 @@ def _fields_of(cls, obj: dict) -> dict:
 
 
 @dataclass(frozen=True)
-class LinearRoundCost:
+class LinearRoundCost(CostModel):
     """``cost(bs, k)`` = features . coefficients (module docstring); all >= 0.
     ``prefill(n) = p0 + p1 * n``."""
 
@@ -128,13 +144,10 @@ class LinearRoundCost:
     n1: float = 0.0
     p0: float = 0.0
     p1: float = 0.0
-    name: str = "linear"
-    unit: str = "s"
-    source: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
     kind = "linear"
 
     def __post_init__(self):
+        super().__post_init__()
         for key in ROUND_COEFS + ("p0", "p1"):
             value = getattr(self, key)
             if not np.isfinite(value) or value < 0:
@@ -159,9 +172,6 @@ class LinearRoundCost:
 
     def prefill(self, num_tokens: int) -> float:
         return self.p0 + self.p1 * num_tokens
-
-    def to_json(self) -> dict:
-        return cost_to_json(self)
 
     @classmethod
     def from_json(cls, obj: dict) -> "LinearRoundCost":

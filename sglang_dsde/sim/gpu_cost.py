@@ -43,9 +43,9 @@ The grid of resulting round costs is tabulated in docs/simulator.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..core.round_cost import cost_to_json
+from ..core.round_cost import CostModel
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def forward_seconds(gpu: GPUSpec, model: ModelSpec, num_tokens: int, batch_size:
 
 
 @dataclass(frozen=True)
-class RooflineRoundCost:
+class RooflineRoundCost(CostModel):
     """``RoundCost`` from roofline forwards (module docstring); unit: seconds."""
 
     gpu: GPUSpec
@@ -118,10 +118,6 @@ class RooflineRoundCost:
     draft: ModelSpec
     context: float = 1024.0
     tp: int = 1
-    name: str = "roofline"
-    unit: str = "s"
-    source: str = "roofline arithmetic (sglang_dsde/sim/gpu_cost.py)"
-    extra: dict = field(default_factory=dict, compare=False)
     kind = "roofline"
 
     def _fwd(self, model: ModelSpec, num_tokens: int, batch_size: int, context: float) -> float:
@@ -139,9 +135,6 @@ class RooflineRoundCost:
         return (self._fwd(self.target, num_tokens, 1, 0.0)
                 + self._fwd(self.draft, num_tokens, 1, 0.0))
 
-    def to_json(self) -> dict:
-        return cost_to_json(self)
-
     @classmethod
     def from_json(cls, obj: dict) -> "RooflineRoundCost":
         rest = {k: v for k, v in obj.items() if k not in ("gpu", "target", "draft", "kind")}
@@ -149,12 +142,17 @@ class RooflineRoundCost:
                    draft=ModelSpec(**obj["draft"]), **rest)
 
 
+ROOFLINE_SOURCE = "roofline arithmetic (sglang_dsde/sim/gpu_cost.py)"
+
+
 def gpu_preset(name: str, context: float = 1024.0) -> RooflineRoundCost:
     """``h100-llama3-8b`` (TP 1) or ``h100x4-llama3-70b`` (TP 4), both with Llama-3.2-1B."""
     if name == "h100-llama3-8b":
-        return RooflineRoundCost(H100_SXM, LLAMA3_8B, LLAMA32_1B, context, 1, name)
+        return RooflineRoundCost(H100_SXM, LLAMA3_8B, LLAMA32_1B, context, 1, name=name,
+                                 source=ROOFLINE_SOURCE)
     if name == "h100x4-llama3-70b":
-        return RooflineRoundCost(H100_SXM, LLAMA3_70B, LLAMA32_1B, context, 4, name)
+        return RooflineRoundCost(H100_SXM, LLAMA3_70B, LLAMA32_1B, context, 4, name=name,
+                                 source=ROOFLINE_SOURCE)
     raise ValueError(f"unknown GPU cost preset {name!r}; known: {', '.join(GPU_PRESETS)}")
 
 

@@ -42,6 +42,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from ...config import DSDEConfig
+from ..state import KLHistory
+from ..wvir import decay_weights
 
 
 class PolicyDecision(NamedTuple):
@@ -201,6 +203,20 @@ class SpecPolicy:
             cap = torch.full((), -1, dtype=torch.int64, device=self.device)
         return PolicyDecision(req_steps, batch_steps, cap,
                               zero if num_skipped is None else num_skipped)
+
+
+class KLHistoryPolicy(SpecPolicy):
+    """A policy that keeps each request's KL history (``state.KLHistory``, the last
+    ``window`` drafted-token values) and the age weights of its stability (WVIR)."""
+
+    def __init__(self, cfg: DSDEConfig, *, max_slots: int, device, initial_steps: int):
+        super().__init__(cfg, max_slots=max_slots, device=device, initial_steps=initial_steps)
+        self.history = KLHistory(self.max_slots, cfg.window, self.device)
+        self.weight_by_age = decay_weights(cfg.decay, cfg.window, self.device)
+
+    def reset_slots(self, slots: torch.Tensor) -> None:
+        super().reset_slots(slots)
+        self.history.reset(self._ints(slots))
 
 
 def drafted_mask(req_num_drafted: torch.Tensor, num_pos: int) -> torch.Tensor:

@@ -33,20 +33,17 @@ from __future__ import annotations
 import torch
 
 from ..numerics import ceil_tol, neumaier_add_columns
-from ..state import KLHistory
-from ..wvir import decay_weights, wvir
-from .base import RoundObservation, SpecPolicy
+from ..wvir import wvir
+from .base import KLHistoryPolicy, RoundObservation
 
 
-class DSDEPolicy(SpecPolicy):
+class DSDEPolicy(KLHistoryPolicy):
     name = "dsde"
     needs_kl = True
 
     def __init__(self, cfg, *, max_slots: int, device, initial_steps: int):
         super().__init__(cfg, max_slots=max_slots, device=device, initial_steps=initial_steps)
         dev, slots = self.device, self.max_slots
-        self.history = KLHistory(slots, cfg.window, dev)
-        self.weight_by_age = decay_weights(cfg.decay, cfg.window, dev)
         self.max_accepted = torch.zeros(slots, dtype=torch.int64, device=dev)
         self.warm_kl_sum = torch.zeros(slots, dtype=torch.float64, device=dev)
         self.warm_kl_comp = torch.zeros(slots, dtype=torch.float64, device=dev)
@@ -56,7 +53,6 @@ class DSDEPolicy(SpecPolicy):
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         super().reset_slots(slots)
-        self.history.reset(slots)
         for t in (self.max_accepted, self.warm_kl_sum, self.warm_kl_comp, self.warm_kl_max,
                   self.k_min, self.k_max):
             t[slots] = 0

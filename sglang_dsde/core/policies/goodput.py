@@ -42,9 +42,8 @@ import torch
 
 from ..acceptance import AcceptanceCalibration, observed_positions
 from ..round_cost import ROUND_COEFS, OnlineRoundCost
-from ..state import KLHistory
-from ..wvir import decay_weights, wvir
-from .base import RoundObservation, SpecPolicy
+from ..wvir import wvir
+from .base import KLHistoryPolicy, RoundObservation
 
 #: Pseudo-positions at the server's rate behind each request's estimates.
 PRIOR_TOKENS = 2.0
@@ -56,7 +55,7 @@ MAX_WVIR = 20.0
 HISTORY_WEIGHT = 0.5
 
 
-class GoodputPolicy(SpecPolicy):
+class GoodputPolicy(KLHistoryPolicy):
     name = "goodput"
     needs_kl = True
     needs_first_entropy = True
@@ -64,8 +63,6 @@ class GoodputPolicy(SpecPolicy):
     def __init__(self, cfg, *, max_slots: int, device, initial_steps: int):
         super().__init__(cfg, max_slots=max_slots, device=device, initial_steps=initial_steps)
         dev, slots = self.device, self.max_slots
-        self.history = KLHistory(slots, cfg.window, dev)
-        self.weight_by_age = decay_weights(cfg.decay, cfg.window, dev)
         self.calibration = AcceptanceCalibration(cfg.max_steps, dev)
         self.round_cost = OnlineRoundCost(dev)
         zeros = dict(dtype=torch.float64, device=dev)
@@ -87,7 +84,6 @@ class GoodputPolicy(SpecPolicy):
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         super().reset_slots(slots)
-        self.history.reset(slots)
         for t in (self.kl_sum, self.obs_sum, self.obs_weight):
             t[slots] = 0
         self.stability[slots] = 1.0
