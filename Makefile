@@ -40,7 +40,7 @@ test-e2e: env
 demo: env
 	$(PY) -m tools.demo
 
-# Real-engine comparison (issue 7; bench/compare.py): every contender on a fresh CPU
+# Real-engine comparison (bench/compare.py): every contender on a fresh CPU
 # server through sglang.bench_serving. bench-quick: mix, C 1/4, T 0 (~10 min on 2 cores).
 # Extra flags through ARGS, e.g. ARGS="--validate-trace TRACE".
 bench: env

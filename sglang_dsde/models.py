@@ -14,7 +14,7 @@
   :func:`sglang_dsde.draft.prepare.assemble_draft`), else a *cut* of the target: its
   first ``N`` decoder layers + final norm + (tied) LM head and the same tokenizer. A cut
   draft is a valid STANDALONE draft for lossless tests but agrees with the target only
-  ~5% of the time (see docs), so acceptance stays near 1.
+  rarely (docs/draft.md), so acceptance stays near 1.
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ class DSDERuntime:
         cost; the policy learns its round-cost model from it (``observe_round``)."""
         previous = self._round_clock
         # The first round a runtime state runs pays one-off work (lazy buffers, first
-        # kernels: ~20x a round on CPU); as a cost sample it would make that step count
+        # kernels: many times a round); as a cost sample it would make that step count
         # look expensive for hundreds of rounds, so it is not one.
         if previous is not None and previous[1] in self._warm_steps:
             self.driver.observe_cost(previous[0], previous[1], now - previous[2])

@@ -15,7 +15,7 @@ acceptance of draft position j (0-based) is *observed* for ``j <= a_i`` (accepte
   That distribution exists before the round (the previous round's draft extend made
   it), so its entropy is the one signal about *this* round known when the step count is
   chosen: a confident first draft is accepted far more often, and for longer (on the
-  SmolLM2 traces, the quartiles of that entropy split the mean accepted run 1.6 .. 5.4).
+  recorded traces, docs/goodput.md, its quartiles split the mean accepted run widely).
   Rows share the all-rounds profile as their prior; real acceptance comes in runs (a
   draft that agreed twice is likelier to agree again), which the depth axis captures.
 

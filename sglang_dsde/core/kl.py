@@ -20,7 +20,7 @@ The formula, exactly (float64 reference in tests/unit/test_kl.py)::
 
     KL = max(0, sum_v p(v) * (log max(p(v), 1e-8) - log max(q(v), 1e-8)))
 
-The factor ``p(v)`` is not clamped; the clamp acts on the logs only (dsde-algorithm.md:
+The factor ``p(v)`` is not clamped; the clamp acts on the logs only (docs/algorithm.md:
 "probabilities are clamped at 1e-8 before the logs"). The clamp can push the literal sum
 below zero by at most log(1 + V * 1e-8); a divergence is never negative, hence the outer
 ``max(0, .)`` (it also absorbs float32 rounding when p ~= q).

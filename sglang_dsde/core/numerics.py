@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-#: ``ceil(x)`` is ``round(x)`` when ``|x - round(x)| <= CEIL_TOLERANCE`` (dsde-algorithm.md).
+#: ``ceil(x)`` is ``round(x)`` when ``|x - round(x)| <= CEIL_TOLERANCE`` (docs/algorithm.md).
 CEIL_TOLERANCE = 1e-9
 
 

@@ -56,8 +56,8 @@ import torch
 #: Coefficient names, in feature order.
 ROUND_COEFS = ("d0", "d1", "v0", "v1", "e0", "e1", "n1")
 #: Prior shape in units of one target decode step at batch 1 (v0 + v1 ~ 1): a draft step
-#: ~ 1/8 of it, one more drafted token of a request ~ 5% (between a memory-bound GPU, ~1%,
-#: and this CPU, ~20%), a small fixed speculation overhead, and no extra cost of the
+#: ~ 1/8 of it, one more drafted token of a request ~ 1/20 (between a memory-bound GPU and
+#: a CPU; docs/goodput.md), a small fixed speculation overhead, and no extra cost of the
 #: no-drafting state.
 PRIOR_SHAPE = (0.12, 0.054, 0.95, 0.05, 0.08, 0.004, 0.0)
 #: Total weight of the prior, in rounds (the data's weight tends to 1 / (1 - memory)).

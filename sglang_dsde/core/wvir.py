@@ -1,6 +1,6 @@
 """Weighted variances and WVIR (weighted variance intensity ratio), batched over requests.
 
-Semantics (dsde-algorithm.md, "Stability: WVIR"), for one request with n values in its
+Semantics (docs/algorithm.md, "Stability: WVIR"), for one request with n values in its
 history:
 
 * weight of a value: ``decay ** age`` (newest age 0, weight 1);

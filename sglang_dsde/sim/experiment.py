@@ -40,7 +40,7 @@ def run_cell(requests: Sequence[RequestTrace], contenders: Sequence[Contender],
 def static_accept_lengths(requests: Sequence[RequestTrace], *, max_steps: int,
                           concurrency: int, cost: RoundCost) -> Dict[int, float]:
     """``{k: simulated accept length of static SL k}`` for k in 1..max_steps: the figures
-    the engine's ``avg_spec_accept_length`` is validated against (issue 7: within 5%)."""
+    the engine's ``avg_spec_accept_length`` is validated against (within 5%)."""
     from .contenders import parse_contender
 
     out = {}

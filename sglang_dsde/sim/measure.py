@@ -13,7 +13,7 @@ time both models over ``n`` prompt tokens. ``fit_linear_cost`` turns them into t
 
 This is a prior only: once the bench runs the real engine, the fit of its measured round
 times (same ``fit_linear_cost``) replaces it. Medians of ``repeats`` after one warm-up;
-the machine is shared, so expect +-30% between runs.
+the machine is shared, so expect run-to-run spread (docs/simulator.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """An independent plain-Python float64 reference of DSDE's exact semantics and of the replay.
 
-Written from dsde-algorithm.md ("Exact semantics", "Policy replay") one request at a time,
+Written from docs/algorithm.md ("Exact semantics", "Policy replay") one request at a time,
 with Python floats and lists, sharing no code with ``sglang_dsde``. The tests compare the
 batched torch policy and the replay CLI against it.
 

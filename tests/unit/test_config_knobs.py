@@ -1,4 +1,4 @@
-"""DSDEConfig: defaults from dsde-algorithm.md, validation, JSON sources (pure, no SGLang)."""
+"""DSDEConfig: defaults from docs/algorithm.md, validation, JSON sources (pure, no SGLang)."""
 
 from __future__ import annotations
 
@@ -96,10 +96,11 @@ def test_every_knob_has_flag_help_and_type():
 
 
 def test_readme_knob_table_is_current():
-    """README shows the table ``python -m sglang_dsde.config`` prints; regenerate on change."""
+    """docs/knobs.md shows the table ``python -m sglang_dsde.config`` prints; regenerate on
+    change."""
     from pathlib import Path
 
     from sglang_dsde.config import knob_table_markdown
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "knobs.md").read_text()
     assert knob_table_markdown() in readme

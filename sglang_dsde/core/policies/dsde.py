@@ -1,6 +1,6 @@
 """The DSDE policy (arXiv 2509.01083): per-request SL from KL stability, batch cap.
 
-Exact semantics (dsde-algorithm.md, "Exact semantics"); after each verify round, for each
+Exact semantics (docs/algorithm.md, "Exact semantics"); after each verify round, for each
 request of the batch, in this order:
 
 1. Append the round's KL values to the history ring (``KLHistory``); ``n_seen += drafted``.

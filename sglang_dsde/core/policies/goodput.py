@@ -50,8 +50,8 @@ PRIOR_TOKENS = 2.0
 #: WVIR values above this count as this (the paper's flat-history value).
 MAX_WVIR = 20.0
 #: Exponent of the request's history in the survival profile (0: the first-draft entropy
-#: alone; 1: the history's full log-ratio to the server's rate). 0.5 won in the simulator
-#: (0, 0.5 and 1 were within 0.3% of each other on average).
+#: alone; 1: the history's full log-ratio to the server's rate); docs/goodput.md has the
+#: simulator's comparison of the choices.
 HISTORY_WEIGHT = 0.5
 
 
