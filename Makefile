@@ -8,7 +8,7 @@ ENV_STAMP := $(VENV)/.env-stamp
 PYTEST_ARGS ?=
 
 .PHONY: env test test-unit test-integration test-e2e demo lock clean-env
-.PHONY: bench bench-quick sim
+.PHONY: bench bench-quick sim wheel
 
 env: $(ENV_STAMP)
 
@@ -51,6 +51,11 @@ bench-quick: env
 
 sim: env
 	$(PY) bench/simulate.py
+
+# The package a user installs (dist/sglang_dsde-*.whl); tests/integration/test_wheel_install.py
+# installs one built from a clean clone into a fresh venv and resolves DSDE there.
+wheel: env
+	$(PIP) wheel -q --no-deps --no-build-isolation . -w dist
 
 # Re-pin after editing requirements/cpu.in (run in a scratch venv made from cpu.in).
 lock: env
