@@ -76,11 +76,15 @@ class DSDERuntime:
         # Host-side counters, updated when a decision is read (never in the round path).
         self.num_rounds = 0
         self.num_skipped_signals = 0  # request-rounds whose signal was skipped
+        #: Request-rounds verified, and target tokens verified over them (the mean verify
+        #: width per request is their ratio).
+        self.request_rounds = 0
+        self.verified_tokens = 0
         self.last_cap = -1
         self.last_batch_steps = self.initial_steps
         self.batch_steps_histogram: dict = {}
-        #: ``(batch size, steps, host clock)`` of the decode round in flight (timing).
-        self._round_clock: Optional[Tuple[int, int, float]] = None
+        #: ``(batch size, steps, host clock, verified)`` of the decode round in flight.
+        self._round_clock: Optional[tuple] = None
         #: Step counts whose first (warm-up) round has run; see ``on_decode_round_start``.
         self._warm_steps: set = set()
 
@@ -155,13 +159,15 @@ class DSDERuntime:
         retrieve_next_token.masked_fill_(nodes.unsqueeze(0) >= req_steps.unsqueeze(1), -1)
 
     def on_verify(self, slots: torch.Tensor, steps: int, target_logits: torch.Tensor,
-                  accept_lens: torch.Tensor, temperature: Optional[torch.Tensor] = None
-                  ) -> torch.Tensor:
+                  accept_lens: torch.Tensor, temperature: Optional[torch.Tensor] = None,
+                  verified_tokens: Optional[int] = None) -> torch.Tensor:
         """Feed one verify round; return each request's SL for its next round ``[bs]``
         (at least ``min_runnable_steps``).
 
         ``target_logits``: ``[bs * (steps + 1), V]``, row ``b * (steps + 1) + j`` the target
-        distribution after node j; ``accept_lens``: accepted drafts + 1 (the bonus).
+        distribution after node j; ``accept_lens``: accepted drafts + 1 (the bonus);
+        ``verified_tokens``: target tokens the round verified over the batch (host int;
+        default every request's full window, ``bs * (steps + 1)``).
         """
         bs = int(slots.shape[0])
         slots = slots.to(self.device, torch.int64)
@@ -189,6 +195,8 @@ class DSDERuntime:
         usable = torch.isfinite(kl).all(dim=1) & (num_drafted > 0)
         self.last_req_mean_kl = torch.where(usable, kl.mean(dim=1), float("nan"))
         self.num_rounds += 1
+        self.request_rounds += bs
+        self.verified_tokens += bs * width if verified_tokens is None else int(verified_tokens)
         self._push_decision(torch.stack([req_steps.max(), decision.num_skipped, decision.cap]))
         # Reported as what will run (meta_info ``dsde_sl``): below the engine's smallest
         # pre-built state a request drafts ``min_runnable_steps``.
@@ -237,19 +245,22 @@ class DSDERuntime:
 
     # -- round timing (host clock) ------------------------------------------------------
 
-    def on_decode_round_start(self, batch_size: int, steps: int, now: float) -> None:
-        """A decode round starts at host time ``now`` (seconds). The time since the
-        previous decode round started, when nothing else ran in between, is that round's
-        cost; the policy learns its round-cost model from it (``observe_round``)."""
+    def on_decode_round_start(self, batch_size: int, steps: int, now: float,
+                              verified: Optional[int] = None) -> None:
+        """A decode round of ``batch_size`` requests drafting ``steps`` (the target
+        verifying ``verified`` drafted tokens; default all) starts at host time ``now``
+        (seconds). The time since the previous decode round started, when nothing else ran
+        in between, is that round's cost; the policy learns its round-cost model from it
+        (``observe_round``)."""
         previous = self._round_clock
         # The first round a runtime state runs pays one-off work (lazy buffers, first
         # kernels: many times a round); as a cost sample it would make that step count
         # look expensive for hundreds of rounds, so it is not one.
         if previous is not None and previous[1] in self._warm_steps:
-            self.driver.observe_cost(previous[0], previous[1], now - previous[2])
+            self.driver.observe_cost(previous[0], previous[1], now - previous[2], previous[3])
         if previous is not None:
             self._warm_steps.add(previous[1])
-        self._round_clock = (int(batch_size), int(steps), float(now))
+        self._round_clock = (int(batch_size), int(steps), float(now), verified)
 
     def on_other_work(self) -> None:
         """Something other than a decode round ran (a prefill, an idle period): the gap
@@ -273,6 +284,8 @@ class DSDERuntime:
             "policy": self.cfg.policy,
             "live_slots": int(self.slot_in_use.sum()),
             "rounds": self.num_rounds,
+            "request_rounds": self.request_rounds,
+            "verified_tokens": self.verified_tokens,
             "skipped_signals": self.num_skipped_signals,
             "last_batch_steps": self.last_batch_steps,
             "last_cap": self.last_cap,

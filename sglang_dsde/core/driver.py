@@ -7,7 +7,7 @@ One round, in this order (any caller)::
     req_steps = driver.req_steps(slots)         # [bs]: each request's own SL (for a cut)
     ... draft, verify ...
     decision = driver.observe(slots, drafted, accepted, kl=..., temperature=..., ...)
-    driver.observe_cost(bs, steps, seconds)     # the round's measured or modelled cost
+    driver.observe_cost(bs, steps, seconds, verified)  # the round's measured or modelled cost
     ... requests join / leave: driver.admit(slots) / driver.release(slots)
 
 ``plan`` clamps the policy's batch decision into ``[min_runnable_steps, max_steps]``
@@ -95,9 +95,11 @@ class PolicyDriver:
                                   req_temperature=temperature,
                                   req_draft_entropy=draft_entropy, batch_size=batch_size)
 
-    def observe_cost(self, batch_size: int, batch_steps: int, seconds: float) -> None:
-        """The cost of the round just played (host numbers)."""
-        self.policy.observe_round(batch_size, batch_steps, seconds)
+    def observe_cost(self, batch_size: int, batch_steps: int, seconds: float,
+                     verified: Optional[int] = None) -> None:
+        """The cost of the round just played (host numbers; ``verified``: the drafted
+        tokens the target verified, default all of them)."""
+        self.policy.observe_round(batch_size, batch_steps, seconds, verified)
 
     def describe(self) -> dict:
         return self.policy.describe()

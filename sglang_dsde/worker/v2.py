@@ -89,6 +89,10 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         candidates = list(range(cfg.min_steps, cfg.max_steps + 1))
         self._schedule = _StepSchedule(candidates, self.speculative_num_steps)
         self.adaptive_controller = AdaptiveController(self, self._schedule)
+        if cfg.ragged_verify:
+            logger.info("DSDE: ragged verify is not wired into this engine's verify yet; "
+                        "every request verifies the batch's full window "
+                        "(--no-dsde-ragged-verify silences this line)")
         self.dsde: Optional[DSDERuntime] = None
         self._extend_output = None
         self._warned_skipped = False

@@ -89,8 +89,9 @@ class GoodputPolicy(KLHistoryPolicy):
         self.stability[slots] = 1.0
         self.first_entropy[slots] = float("nan")
 
-    def observe_round(self, batch_size: int, batch_steps: int, seconds: float) -> None:
-        self.round_cost.observe(batch_size, batch_steps, seconds)
+    def observe_round(self, batch_size: int, batch_steps: int, seconds: float,
+                      verified=None) -> None:
+        self.round_cost.observe(batch_size, batch_steps, seconds, verified)
 
     def describe(self) -> dict:
         cost = self.round_cost
@@ -114,16 +115,56 @@ class GoodputPolicy(KLHistoryPolicy):
         excess = (self.stability[slots] - 1.0).clamp(0.0, MAX_WVIR)
         return p.clamp(0.0, 1.0) ** (1.0 + cfg.goodput_stability_weight * excess)
 
+    def survival(self, slots: torch.Tensor) -> torch.Tensor:
+        """``[bs, max_steps]``: P(draft positions 0..j all accepted) per request."""
+        return self.calibration.survival(self.acceptance_rate(slots), self.first_entropy[slots],
+                                         self.cfg.max_steps, HISTORY_WEIGHT)
+
     def expected_rates(self, slots: torch.Tensor) -> torch.Tensor:
-        """``[max_steps + 1]`` float64: expected tokens per unit of cost for K = 0 .. max."""
+        """``[max_steps + 1]`` float64: expected tokens per unit of cost for K = 0 .. max,
+        every request verifying K drafts (a padded verify)."""
         cfg = self.cfg
         bs = int(slots.shape[0])
-        survival = self.calibration.survival(self.acceptance_rate(slots),
-                                             self.first_entropy[slots], cfg.max_steps,
-                                             HISTORY_WEIGHT)
         zero = torch.zeros(1, dtype=torch.float64, device=self.device)
-        tokens = bs + torch.cat([zero, survival.sum(dim=0).cumsum(dim=0)])
+        tokens = bs + torch.cat([zero, self.survival(slots).sum(dim=0).cumsum(dim=0)])
         return tokens / self.round_cost.predict(bs, cfg.max_steps).clamp_min(1e-12)
+
+    def ragged_rates(self, survival: torch.Tensor) -> tuple:
+        """Per-request lengths (a ragged verify): for each K = 0 .. max, the best expected
+        tokens per unit of cost when the batch drafts K steps and the target verifies the
+        ``m`` drafted positions (among positions < K) with the largest survival, and that
+        ``m``. Returns ``(rates [max + 1], m [max + 1])``.
+
+        A request's survival falls with depth, so the ``m`` best positions are a prefix
+        of each request's chain: the allocation DSpark's planner makes from a profiled
+        table, here from the learned cost (``cost(bs, K, m) = base(bs, K) + dv * m``).
+        """
+        bs, width = survival.shape
+        base = self.round_cost.predict(bs, width, unverified=True)          # [K + 1]
+        per_token = self.round_cost.per_verified_token.clamp_min(0.0)
+        gains = _gains_by_steps(survival)                                    # [K + 1, bs*K]
+        best_first = gains.sort(dim=1, descending=True).values.clamp_min(0.0)
+        tokens = bs + torch.cat([torch.zeros_like(best_first[:, :1]),
+                                 best_first.cumsum(dim=1)], dim=1)          # m = 0 .. bs*K
+        m = torch.arange(tokens.shape[1], device=self.device, dtype=torch.float64)
+        steps = torch.arange(width + 1, device=self.device).unsqueeze(1)
+        rates = tokens / (base.unsqueeze(1) + per_token * m).clamp_min(1e-12)
+        rates = torch.where(m.unsqueeze(0) <= bs * steps, rates, -1.0)      # m <= bs * K
+        best_rate, best_m = rates.max(dim=1)
+        return best_rate, best_m
+
+    def allocate(self, survival: torch.Tensor, steps: torch.Tensor,
+                 count: torch.Tensor) -> torch.Tensor:
+        """``[bs]`` lengths: the ``count`` positions < ``steps`` with the largest survival
+        (ties: the shallower, then the earlier request)."""
+        bs, width = survival.shape
+        depth = torch.arange(width, device=self.device).expand(bs, width)
+        gains = torch.where(depth < steps, survival, -1.0).reshape(-1)
+        order = torch.sort(gains, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=self.device)
+        chosen = (rank < count) & (gains >= 0)
+        return chosen.reshape(bs, width).sum(dim=1)
 
     def observe_first_entropy(self, slots: torch.Tensor,
                               req_first_entropy: torch.Tensor) -> None:
@@ -135,17 +176,30 @@ class GoodputPolicy(KLHistoryPolicy):
         if slots.shape[0] == 0:
             return torch.zeros((), dtype=torch.int64, device=self.device)
         cfg = self.cfg
-        rates = self.expected_rates(slots)[cfg.min_steps:]
-        best = rates.argmax() + cfg.min_steps
+        if cfg.ragged_verify:
+            survival = self.survival(slots)
+            rates, counts = self.ragged_rates(survival)
+        else:
+            rates = self.expected_rates(slots)
+        best = rates[cfg.min_steps:].argmax() + cfg.min_steps
         # Probe often while the estimates for this batch size are young (period 2, 3, ...
         # growing by one every 4 rounds up to the knob): the first rounds teach the slope.
         num_rounds = self.rounds_by_bs_class[_bs_class(int(slots.shape[0]))]
         period = torch.clamp(2 + num_rounds // 4, max=max(cfg.goodput_probe_every, 2))
+        probe_up = torch.zeros((), dtype=torch.bool, device=self.device)
         if cfg.goodput_probe_every:
             phase = num_rounds % period
-            best = torch.where(phase == 0, (best + 1).clamp_max(cfg.max_steps), best)
+            probe_up = phase == 0
+            best = torch.where(probe_up, (best + 1).clamp_max(cfg.max_steps), best)
             best = torch.where(phase == period // 2, (best - 1).clamp_min(cfg.min_steps), best)
-        return best
+        if not cfg.ragged_verify:
+            return best
+        # Per-request lengths for the chosen step count; a probe up lengthens every
+        # request by one (the depth beyond each one's optimum is what it teaches).
+        lengths = self.allocate(survival, best, counts[best.reshape(1)])
+        lengths = torch.where(probe_up, (lengths + 1).clamp_max(best), lengths)
+        self.req_steps[slots] = lengths
+        return lengths.max()
 
     # -- one verify round ------------------------------------------------------------
 
@@ -180,7 +234,19 @@ class GoodputPolicy(KLHistoryPolicy):
         self.stability[slots] = torch.where(drafted > 0, ratio, self.stability[slots])
         self.rounds_by_bs_class[_bs_class(bs)] += 1
 
-        return self.batch_steps_for(slots).expand(bs).clone(), None
+        steps = self.batch_steps_for(slots)
+        if self.cfg.ragged_verify:
+            return self.req_steps[slots], None
+        return steps.expand(bs).clone(), None
+
+
+def _gains_by_steps(survival: torch.Tensor) -> torch.Tensor:
+    """``[K + 1, bs * K]``: for each step count k, the survival of every position < k
+    (-1 at positions >= k, which a verify of k drafts cannot reach)."""
+    bs, width = survival.shape
+    depth = torch.arange(width, device=survival.device)
+    steps = torch.arange(width + 1, device=survival.device).reshape(-1, 1, 1)
+    return torch.where(depth < steps, survival.unsqueeze(0), -1.0).reshape(width + 1, -1)
 
 
 def _bs_class(batch_size: int) -> int:
