@@ -76,10 +76,11 @@ class DSDERuntime:
         # Host-side counters, updated when a decision is read (never in the round path).
         self.num_rounds = 0
         self.num_skipped_signals = 0  # request-rounds whose signal was skipped
-        #: Request-rounds verified, and target tokens verified over them (the mean verify
-        #: width per request is their ratio).
+        #: Request-rounds verified, target tokens verified over them (the mean verify
+        #: width per request is their ratio), and what full windows would have verified.
         self.request_rounds = 0
         self.verified_tokens = 0
+        self.window_tokens = 0
         self.last_cap = -1
         self.last_batch_steps = self.initial_steps
         self.batch_steps_histogram: dict = {}
@@ -145,29 +146,34 @@ class DSDERuntime:
             self.slot_first_draft[slots.to(self.device, torch.int64)] = \
                 logits[:bs].to(self.slot_first_draft.dtype)
 
-    def cut_chains(self, slots: torch.Tensor, retrieve_next_token: torch.Tensor) -> None:
-        """Stop each request's verify chain after its own SL (``per_request_cut``).
+    def cut_chains(self, slots: torch.Tensor, retrieve_next_token: torch.Tensor,
+                   lengths: Optional[torch.Tensor] = None) -> None:
+        """Stop each request's verify chain after its own SL (``per_request_cut``, and a
+        ragged verify with its round's ``lengths``).
 
         ``retrieve_next_token[b, j] = -1`` ends request b's greedy walk after node j; node 0
         is the bonus token, so a request of SL k keeps nodes ``0..k`` and can accept at
         most k drafts. Lossless; it saves no compute (the batch still drafts and verifies
         its full width) and can only lower that request's accepted tokens.
         """
-        req_steps = self.driver.req_steps(slots.to(self.device, torch.int64))
-        req_steps = req_steps.to(retrieve_next_token.device)
+        if lengths is None:
+            lengths = self.driver.req_steps(slots.to(self.device, torch.int64))
+        req_steps = lengths.to(retrieve_next_token.device)
         nodes = torch.arange(retrieve_next_token.shape[1], device=retrieve_next_token.device)
         retrieve_next_token.masked_fill_(nodes.unsqueeze(0) >= req_steps.unsqueeze(1), -1)
 
     def on_verify(self, slots: torch.Tensor, steps: int, target_logits: torch.Tensor,
                   accept_lens: torch.Tensor, temperature: Optional[torch.Tensor] = None,
-                  verified_tokens: Optional[int] = None) -> torch.Tensor:
+                  verified_tokens: Optional[int] = None,
+                  num_drafted: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Feed one verify round; return each request's SL for its next round ``[bs]``
         (at least ``min_runnable_steps``).
 
         ``target_logits``: ``[bs * (steps + 1), V]``, row ``b * (steps + 1) + j`` the target
         distribution after node j; ``accept_lens``: accepted drafts + 1 (the bonus);
         ``verified_tokens``: target tokens the round verified over the batch (host int;
-        default every request's full window, ``bs * (steps + 1)``).
+        default every request's full window, ``bs * (steps + 1)``); ``num_drafted``:
+        ``[bs]`` drafts each request was verified on (a ragged verify; default ``steps``).
         """
         bs = int(slots.shape[0])
         slots = slots.to(self.device, torch.int64)
@@ -176,7 +182,8 @@ class DSDERuntime:
         width = steps + 1
         target = target_logits.reshape(bs, width, self.vocab_size)
         draft = self.round_draft_logits(bs, steps)
-        num_drafted = torch.full((bs,), steps, dtype=torch.int64, device=self.device)
+        num_drafted = (torch.full((bs,), steps, dtype=torch.int64, device=self.device)
+                       if num_drafted is None else num_drafted.to(self.device, torch.int64))
         # The KL is computed for every policy: it is reported (meta_info ``dsde_kl``) and
         # tells a non-finite round from a usable one.
         with_entropy = self.policy.needs_draft_entropy
@@ -185,7 +192,8 @@ class DSDERuntime:
         kl, entropy = out if with_entropy else (out, None)
         kl = kl[:, :steps]
         entropy = entropy[:, :steps] if entropy is not None else None
-        num_accepted = (accept_lens.to(self.device, torch.int64) - 1).clamp(0, steps)
+        num_accepted = torch.minimum(accept_lens.to(self.device, torch.int64) - 1,
+                                     num_drafted).clamp_min(0)
         # A round of 0 steps (the no-drafting state) has nothing to check; non-finite
         # logits skip the request's signal and its SL falls back (the policy's preamble).
         decision = self.driver.observe(slots, num_drafted, num_accepted, kl=kl,
@@ -196,6 +204,7 @@ class DSDERuntime:
         self.last_req_mean_kl = torch.where(usable, kl.mean(dim=1), float("nan"))
         self.num_rounds += 1
         self.request_rounds += bs
+        self.window_tokens += bs * width
         self.verified_tokens += bs * width if verified_tokens is None else int(verified_tokens)
         self._push_decision(torch.stack([req_steps.max(), decision.num_skipped, decision.cap]))
         # Reported as what will run (meta_info ``dsde_sl``): below the engine's smallest
@@ -286,6 +295,7 @@ class DSDERuntime:
             "rounds": self.num_rounds,
             "request_rounds": self.request_rounds,
             "verified_tokens": self.verified_tokens,
+            "window_tokens": self.window_tokens,
             "skipped_signals": self.num_skipped_signals,
             "last_batch_steps": self.last_batch_steps,
             "last_cap": self.last_cap,
