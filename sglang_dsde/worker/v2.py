@@ -81,13 +81,15 @@ class DSDEWorkerV2(StandaloneWorkerV2):
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
         super().__init__(server_args, gpu_id, nccl_port, target_worker)
         self.dsde_config = args.dsde_config_of(server_args)
-        self.dsde_initial_steps = self.speculative_num_steps
         cfg = self.dsde_config
+        # The SL of a new request (0 allowed: SGLang's static state then has 1 step).
+        self.dsde_initial_steps = (self.speculative_num_steps if cfg.initial_steps is None
+                                   else cfg.initial_steps)
         # Step 0 is SGLang's no-drafting state: a one-token verify (a plain decode
         # through the verify path) plus the draft extend that keeps the draft's KV
         # and the next first-draft distribution current.
         candidates = list(range(cfg.min_steps, cfg.max_steps + 1))
-        self._schedule = _StepSchedule(candidates, self.speculative_num_steps)
+        self._schedule = _StepSchedule(candidates, self.dsde_initial_steps)
         self.adaptive_controller = AdaptiveController(self, self._schedule)
         self.dsde: Optional[DSDERuntime] = None
         self._extend_output = None
