@@ -19,6 +19,7 @@ TOUCH_POINTS = (
     "cpu_spec_attention",
     "internal_state",
     "decode_log",
+    "request_validation",
 )
 
 
