@@ -5,7 +5,8 @@
   DSDE``) and ``worker_factory``, which imports the worker class lazily (its base class
   imports SGLang's model stack);
 * ``v2``: ``DSDEWorkerV2``, STANDALONE's V2 worker plus DSDE's signal, policy and step
-  switching (``sglang_dsde.runtime`` does the maths).
+  switching (``sglang_dsde.runtime`` does the maths);
+* ``exact_penalties``: penalised requests verify one token per round (lossless).
 
 ``HOOKED_SYMBOLS`` lists every SGLang object this package subclasses, overrides, calls or
 wraps at run time; ``tests/integration/test_patch_symbols.py`` resolves each against the
@@ -37,6 +38,12 @@ HOOKED_SYMBOLS = (
     "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker.draft_forward",
     "sglang.srt.speculative.eagle_draft_extend_cuda_graph_runner."
     "EAGLEDraftExtendCudaGraphRunner.execute",
+    # exact_penalties: req.sampling_params (penalties, min_new_tokens), req.output_ids,
+    # batch.reqs and the verify input's retrieve_next_token
+    "sglang.srt.sampling.sampling_params.SamplingParams",
+    "sglang.srt.managers.schedule_batch.Req",
+    "sglang.srt.managers.schedule_batch.ScheduleBatch",
+    "sglang.srt.speculative.eagle_info.EagleVerifyInput",
 )
 
 __all__ = ["DSDESpecAlgo", "HOOKED_SYMBOLS", "SGLANG_VERSION_READ", "worker_factory"]

@@ -31,6 +31,7 @@ from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
 from sglang_dsde import args
 from sglang_dsde.runtime import DSDERuntime
+from sglang_dsde.worker import exact_penalties
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,8 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         if live and self.dsde_config.per_request_cut:
             self.dsde.cut_chains(batch.req_pool_indices,
                                  batch.spec_info.retrieve_next_token)
+        if live:  # penalised requests verify one token per round (exact_penalties.py)
+            exact_penalties.cut_penalised_chains(batch)
         result = super().verify(batch, pp_proxy_tensors=pp_proxy_tensors,
                                 grammar_barrier=grammar_barrier)
         if not live:
