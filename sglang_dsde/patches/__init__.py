@@ -21,6 +21,7 @@ TOUCH_POINTS = (
     "internal_state",
     "decode_log",
     "request_validation",
+    "spec_metrics",
 )
 
 
