@@ -22,6 +22,7 @@ TOUCH_POINTS = (
     "decode_log",
     "request_validation",
     "spec_metrics",
+    "spec_kv_budget",
 )
 
 
