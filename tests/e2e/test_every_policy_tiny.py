@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 
 import pytest
 
@@ -40,10 +41,8 @@ def test_every_policy_is_served_by_an_e2e_test():
 
 
 @pytest.fixture(scope="module")
-def plain_outputs(tiny_models, server_logs):
-    with running_server(tiny_models.target, algorithm=None, max_total_tokens=MAX_TOTAL_TOKENS,
-                        log_dir=server_logs) as server:
-        return _outputs(server)
+def plain_outputs(plain_reference):
+    return _outputs(plain_reference)
 
 
 def _outputs(server):
@@ -60,17 +59,28 @@ def _batch_steps_histogram(server) -> collections.Counter:
     raise AssertionError("no DSDE state in /server_info")
 
 
+@pytest.fixture(scope="module")
+def policy_servers(tiny_models, server_logs):
+    """One DSDE server per policy, the target as its own draft (drafts are both accepted
+    and rejected), started concurrently (start-up is mostly imports and waiting)."""
+    def start(stack, policy):
+        args = ["--dsde-policy", policy, "--dsde-max-steps", "4", *POLICY_ARGS[policy]]
+        return stack.enter_context(running_server(
+            tiny_models.target, draft_model_path=tiny_models.target, algorithm="DSDE",
+            num_steps=None, max_total_tokens=MAX_TOTAL_TOKENS, log_dir=server_logs,
+            extra_args=args))
+
+    with contextlib.ExitStack() as stack, cf.ThreadPoolExecutor(len(POLICY_ARGS)) as pool:
+        futures = {policy: pool.submit(start, stack, policy) for policy in POLICY_ARGS}
+        yield {policy: future.result() for policy, future in futures.items()}
+
+
 @pytest.mark.parametrize("policy", POLICIES)
-def test_policy_serves_greedy_output_identical_to_plain(plain_outputs, tiny_models,
-                                                        server_logs, policy):
-    """The target as its own draft, so drafts are both accepted and rejected."""
-    args = ["--dsde-policy", policy, "--dsde-max-steps", "4", *POLICY_ARGS[policy]]
-    with running_server(tiny_models.target, draft_model_path=tiny_models.target,
-                        algorithm="DSDE", num_steps=None, max_total_tokens=MAX_TOTAL_TOKENS,
-                        log_dir=server_logs, extra_args=args) as server:
-        got = _outputs(server)
-        assert server.healthy()
-        histogram = _batch_steps_histogram(server)
+def test_policy_serves_greedy_output_identical_to_plain(plain_outputs, policy_servers, policy):
+    server = policy_servers[policy]
+    got = _outputs(server)
+    assert server.healthy()
+    histogram = _batch_steps_histogram(server)
     assert got == plain_outputs
     assert sum(histogram.values()) > 0, histogram
     if policy == "static":

@@ -6,11 +6,8 @@ samples; penalised greedy requests equal the plain server token for token; malfo
 prompts get a 400 and leave the server alive; a request at the KV limit completes or is
 refused up front; the accept metrics count the drafts each round proposed.
 
-The plain reference runs with ``--disable-overlap-schedule``: with overlap scheduling
-SGLang feeds each output token to the penalizers one decode step late (it reads
-``req.output_ids[-1]`` before the in-flight token lands), so only the non-overlap plain
-server applies penalties over every earlier output token. Greedy and sampled outputs do
-not depend on it.
+The plain reference is ``plain_reference`` (``conftest.py``: no overlap scheduling, the
+only plain server whose penalties count every earlier output token).
 """
 
 from __future__ import annotations
@@ -32,11 +29,8 @@ INITIAL_STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_models, server_logs):
-    with running_server(tiny_models.target, algorithm=None, max_total_tokens=MAX_TOTAL_TOKENS,
-                        log_dir=server_logs,
-                        extra_args=["--disable-overlap-schedule"]) as server:
-        yield server
+def plain(plain_reference):
+    return plain_reference
 
 
 @pytest.fixture(scope="module")
