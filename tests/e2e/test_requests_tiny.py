@@ -171,6 +171,7 @@ def test_accept_metrics_count_the_drafts_each_round_proposed(dsde):
     """One request at a time, so each round drafts that request's SL: the proposed drafts
     are the histogram's steps, the initial SL plus the request's dsde_sl but its last, and
     every rate divides by them (meta_info, each decode log line, the Prometheus gauge)."""
+    step_values = set()
     for prompt in ("qzx{}#@!vbw kj", "def add(a, b):\n    return a + b\n"):
         before = _batch_steps_histogram(dsde)
         meta = dsde.generate(prompt, max_new_tokens=96)["meta_info"]
@@ -180,7 +181,8 @@ def test_accept_metrics_count_the_drafts_each_round_proposed(dsde):
         assert meta["spec_num_proposed_drafts"] == drafted
         assert drafted == INITIAL_STEPS + sum(meta["dsde_sl"][:-1])
         assert meta["spec_accept_rate"] == pytest.approx(meta["spec_num_correct_drafts"] / drafted)
-    assert len(rounds) > 1 or len(before) > 1, "the SL never moved: nothing was tested"
+        step_values |= set(rounds)
+    assert len(step_values) > 1, "the step count never moved: a constant width was tested"
     lines = [line for line in dsde.log_path.read_text(errors="replace").splitlines()
              if "Decode batch" in line and "accept rate" in line]
     assert lines
