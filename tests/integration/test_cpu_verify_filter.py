@@ -2,7 +2,7 @@
 
 ``_JointFilter`` (``patches/cpu_verify_sampling.py``) gives every verify row the
 distribution SGLang's ``top_k_top_p_min_p_sampling_from_probs_torch`` samples from (top-k,
-top-p and min-p applied jointly, renormalised), sorting only the rows that filter.
+top-p and min-p applied jointly, renormalised), renormalised.
 Checked against that function run on every row, and against the sampler's own draws.
 """
 
@@ -46,7 +46,7 @@ def test_every_row_gets_the_cpu_samplers_distribution():
     want = _reference(probs, *per_row)
     assert torch.allclose(got, want, atol=1e-6)
     assert (got[:ndt].max(dim=-1).values == 1).all()  # greedy rows are one-hot
-    assert torch.equal(got[-ndt:], probs[-ndt:])  # unfiltered rows are untouched
+    assert torch.allclose(got[-ndt:], probs[-ndt:], atol=1e-6)  # unfiltered rows keep their mass
     assert ((got[ndt:2 * ndt] > 0).sum(dim=-1) == 5).all()
 
 
