@@ -2,7 +2,7 @@
 
 ``_JointFilter`` (``patches/cpu_verify_sampling.py``) gives every verify row the
 distribution SGLang's ``top_k_top_p_min_p_sampling_from_probs_torch`` samples from (top-k,
-top-p and min-p applied jointly, renormalised), renormalised.
+top-p and min-p applied jointly, renormalised).
 Checked against that function run on every row, and against the sampler's own draws.
 """
 
