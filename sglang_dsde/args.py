@@ -17,6 +17,7 @@ import copy
 import logging
 from typing import Any
 
+from sglang_dsde import pair_check
 from sglang_dsde.config import DSDEConfig, DSDEConfigError, initial_steps_for
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,16 @@ def dsde_config_of(server_args: Any) -> DSDEConfig:
 
 
 def initial_steps_of(server_args: Any, cfg: DSDEConfig) -> int:
-    """The static SL: --speculative-num-steps, else the initial_steps knob, else 4."""
-    steps = getattr(server_args, "speculative_num_steps", None)
-    return initial_steps_for(cfg) if steps is None else steps
+    """The SL of a new request (``config.initial_steps_for`` over --speculative-num-steps).
+    May be 0 (SGLang's no-drafting state)
+    when the knob says so; ``static_steps_of`` is what SGLang's static state gets."""
+    return initial_steps_for(cfg, getattr(server_args, "speculative_num_steps", None))
+
+
+def static_steps_of(server_args: Any, cfg: DSDEConfig) -> int:
+    """``--speculative-num-steps`` as SGLang needs it (at least 1: its static runtime
+    state drafts); with an initial SL of 0 the worker starts in the step-0 state."""
+    return max(1, initial_steps_of(server_args, cfg))
 
 
 def validate_server_args(server_args: Any) -> None:
@@ -42,12 +50,24 @@ def validate_server_args(server_args: Any) -> None:
         raise DSDEConfigError(
             "--speculative-draft-model-path is required with --speculative-algorithm DSDE "
             "(a separate draft model sharing the target's vocabulary)")
+    given = getattr(server_args, "speculative_num_steps", None)
+    if cfg.initial_steps is not None and given is not None and given != cfg.initial_steps:
+        raise DSDEConfigError(
+            f"--dsde-initial-steps = {cfg.initial_steps} and --speculative-num-steps = "
+            f"{given}: both set the SL of a new request with DSDE; give one of them")
     steps = initial_steps_of(server_args, cfg)
     lo = max(1, cfg.min_steps)
-    if not isinstance(steps, int) or not lo <= steps <= cfg.max_steps:
+    if cfg.initial_steps is None and (not isinstance(steps, int)
+                                      or not lo <= steps <= cfg.max_steps):
         raise DSDEConfigError(
             f"--speculative-num-steps = {steps!r}: with DSDE expected an integer in "
             f"[max(1, min_steps)={lo}, max_steps={cfg.max_steps}]")
+    if cfg.initial_steps == 0 and cfg.policy in ("dsde", "adaedl"):
+        raise DSDEConfigError(
+            f"--dsde-initial-steps = 0: with --dsde-policy {cfg.policy} expected an integer "
+            f"in [max(1, min_steps)={lo}, max_steps={cfg.max_steps}] (its warm-up grows "
+            f"the SL of a request from its initial value by doubling)")
+    pair_check.check_draft(server_args)
     topk = getattr(server_args, "speculative_eagle_topk", None)
     if topk not in (None, 1):
         raise DSDEConfigError(
@@ -70,7 +90,8 @@ def validate_server_args(server_args: Any) -> None:
 def handle_server_args(server_args: Any) -> None:
     """Set the fields DSDE needs, the way SGLang does for STANDALONE."""
     cfg = dsde_config_of(server_args)
-    steps = initial_steps_of(server_args, cfg)
+    initial = initial_steps_of(server_args, cfg)
+    steps = static_steps_of(server_args, cfg)
     server_args.speculative_num_steps = steps
     server_args.speculative_eagle_topk = 1
     if getattr(server_args, "speculative_num_draft_tokens", None) not in (None, steps + 1):
@@ -95,9 +116,9 @@ def handle_server_args(server_args: Any) -> None:
         logger.warning("DSDE: mixed chunked prefill is disabled (STANDALONE does not "
                        "support it)")
         server_args.enable_mixed_chunk = False
-    logger.info("DSDE: initial SL %d, SL range [%d, %d], policy %s, window %d", steps,
+    logger.info("DSDE: initial SL %d, SL range [%d, %d], policy %s, window %d", initial,
                 cfg.min_steps, cfg.max_steps, cfg.policy, cfg.window)
 
 
 __all__ = ["DSDEConfigError", "dsde_config_of", "handle_server_args", "initial_steps_of",
-           "validate_server_args"]
+           "static_steps_of", "validate_server_args"]

@@ -124,6 +124,9 @@ class DSDEConfig:
         if self.min_steps is None and self.policy in POLICY_CHOICES:
             # Resolved once, here: every reader sees an int.
             object.__setattr__(self, "min_steps", default_min_steps(self.policy))
+            # Not a field: error messages say which bound the user never set.
+            object.__setattr__(self, "_min_steps_defaulted", True)
+            _refuse_max_below_default_min(self)
         for f in dataclasses.fields(self):
             _check_value(self, f, getattr(self, f.name))
         if self.per_request_cut and self.policy == "goodput":
@@ -160,6 +163,19 @@ class DSDEConfig:
             return cls()
         values, source = load_json_source(str(text_or_path))
         return cls.from_mapping(values, source=source)
+
+
+def _refuse_max_below_default_min(cfg: DSDEConfig) -> None:
+    """A policy's default floor above the ``max_steps`` the user set: blame ``max_steps``
+    (the knob the user set), not the ``min_steps`` default the user never passed."""
+    hi = cfg.max_steps
+    _check_value(cfg, _field("max_steps"), hi)  # a malformed max_steps first
+    if cfg.min_steps > hi:
+        raise DSDEConfigError(
+            f"{knob_flag('max_steps')} (DSDE knob 'max_steps') = {hi}: expected an integer "
+            f"in [{cfg.min_steps}, {MAX_STEPS_LIMIT}] with --dsde-policy {cfg.policy}, whose "
+            f"smallest speculation length is {cfg.min_steps} (the default of "
+            f"{knob_flag('min_steps')}; set it to go lower)")
 
 
 def knob_names() -> tuple:
@@ -228,8 +244,12 @@ def _check_value(cfg: DSDEConfig, f: dataclasses.Field, value: Any) -> None:
     meta = f.metadata
 
     def refuse() -> None:
+        hint = ""
+        if meta["lo"] == "min_steps" and getattr(cfg, "_min_steps_defaulted", False):
+            hint = (f" (min_steps is {cfg.min_steps}, the default of {knob_flag('min_steps')} "
+                    f"for --dsde-policy {cfg.policy})")
         raise DSDEConfigError(f"{knob_flag(f.name)} (DSDE knob {f.name!r}) = {value!r}: "
-                              f"expected {_range_text(cfg, f)}")
+                              f"expected {_range_text(cfg, f)}{hint}")
 
     if value is None:
         if f.default is not None:

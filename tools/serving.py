@@ -62,7 +62,7 @@ def server_command(
     port: int,
     draft_model_path=None,
     algorithm: str | None = "STANDALONE",
-    num_steps: int = 4,
+    num_steps: int | None = 4,
     max_total_tokens: int = 4096,
     dtype: str = "float32",
     extra_args: Sequence[str] = (),
@@ -85,13 +85,14 @@ def server_command(
         cmd += [
             "--speculative-algorithm", algorithm,
             "--speculative-draft-model-path", str(draft_model_path),
-            "--speculative-num-steps", str(num_steps),
             "--speculative-eagle-topk", "1",
-            "--speculative-num-draft-tokens", str(num_steps + 1),
             # SGLang folds the accept counters into the lifetime average that
             # /server_info reports only when it logs decode stats: log every step.
             "--decode-log-interval", "1",
         ]
+        if num_steps is not None:  # None: the server's default (DSDE: its initial SL)
+            cmd += ["--speculative-num-steps", str(num_steps),
+                    "--speculative-num-draft-tokens", str(num_steps + 1)]
     return cmd + list(extra_args)
 
 

@@ -17,8 +17,12 @@ TOUCH_POINTS = (
     "torchvision_ops",
     "sgl_kernel_standins",
     "cpu_spec_attention",
+    "cpu_verify_sampling",
     "internal_state",
     "decode_log",
+    "request_validation",
+    "spec_metrics",
+    "spec_kv_budget",
 )
 
 

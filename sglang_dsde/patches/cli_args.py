@@ -2,7 +2,10 @@
 
 Read against SGLang 0.5.23 (``srt/server_args.py``: ``ServerArgs.add_cli_args`` builds
 the parser, ``ServerArgs.from_cli_args`` turns the namespace into the record; both run
-after ``load_plugins()`` in ``launch_server`` and ``sglang serve``).
+after ``load_plugins()`` in ``launch_server`` and ``sglang serve``;
+``srt/arg_groups/speculative_hook.py``: ``handle_speculative_decoding`` resolves the
+algorithm and reads the draft's config first, so a BEFORE hook checks the draft path
+there, ``sglang_dsde.pair_check``).
 
 ``ServerArgs`` is a closed record, so a plugin cannot add fields. The hooks add one
 ``--dsde-<knob>`` flag per ``DSDEConfig`` field (group "DSDE speculative decoding") and
@@ -10,12 +13,23 @@ fold the flags a user gave into ``speculative_adaptive_config`` as an inline JSO
 on top of a config file given there. That field travels to every scheduler process;
 ``sglang_dsde.args`` validates it during argument resolution. ``sglang.Engine(...)``
 users pass ``speculative_adaptive_config`` (a path or inline JSON) directly.
+
+A refused value must reach the user as one line. ``DSDEConfigError`` is raised inside
+SGLang's argument pipeline (``prepare_server_args`` / ``ServerArgs.resolve_once``, both at
+the top level of ``launch_server``'s ``__main__`` and of ``sglang serve``), where nothing
+catches it, so Python would print the whole stack. In the launcher process only (its
+``__main__`` is ``sglang.launch_server`` or the ``sglang`` command), ``apply()`` chains a
+``sys.excepthook`` that prints an uncaught ``DSDEConfigError`` as
+``sglang-dsde: error: <message>``; every other exception, and every other program
+(``sglang.Engine`` users get the exception object), is untouched.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 from sglang_dsde import ALGORITHM_NAME
 from sglang_dsde.config import (
@@ -32,6 +46,8 @@ SGLANG_VERSION_READ = "0.5.23"
 HOOKED_SYMBOLS = (
     "sglang.srt.server_args.ServerArgs.add_cli_args",
     "sglang.srt.server_args.ServerArgs.from_cli_args",
+    # Its first step reads the draft's config (algorithm aliases): check the path first.
+    "sglang.srt.arg_groups.speculative_hook.handle_speculative_decoding",
 )
 _DEST_PREFIX = "dsde_"
 
@@ -47,7 +63,39 @@ def apply() -> None:
 
     HookRegistry.register(HOOKED_SYMBOLS[0], _add_dsde_flags, HookType.AFTER)
     HookRegistry.register(HOOKED_SYMBOLS[1], _fold_dsde_flags, HookType.AROUND)
+    HookRegistry.register(HOOKED_SYMBOLS[2], _check_draft_path_first, HookType.BEFORE)
+    if _is_launcher_process():
+        sys.excepthook = _one_line_config_errors(sys.excepthook)
     _applied = True
+
+
+def _check_draft_path_first(server_args, *args, **kwargs) -> None:
+    """BEFORE SGLang's speculative resolution: a DSDE draft path that names no folder is
+    refused naming the flag (SGLang would ask the model hub, whose error names none)."""
+    if (getattr(server_args, "speculative_algorithm", None) or "").upper() == ALGORITHM_NAME:
+        from sglang_dsde.pair_check import check_draft_path
+
+        check_draft_path(getattr(server_args, "speculative_draft_model_path", None))
+
+
+def _is_launcher_process() -> bool:
+    """``python -m sglang.launch_server`` or the ``sglang`` command (``sglang serve``)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if getattr(spec, "name", None) == "sglang.launch_server":
+        return True
+    return os.path.basename(sys.argv[0] if sys.argv else "") == "sglang"
+
+
+def _one_line_config_errors(previous):
+    def excepthook(kind, value, traceback):
+        if isinstance(value, DSDEConfigError):
+            print(f"sglang-dsde: error: {value}", file=sys.stderr, flush=True)
+            return
+        previous(kind, value, traceback)
+
+    excepthook.sglang_dsde = True
+    return excepthook
 
 
 def _add_dsde_flags(_result, parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,8 @@
 * ``v2``: ``DSDEWorkerV2``, STANDALONE's V2 worker plus DSDE's signal, policy and step
   switching (``sglang_dsde.runtime`` does the maths);
 * ``ragged``: the ragged verify (each request verifies its own length) through SGLang's
-  ``RaggedVerifyLayout``.
+  ``RaggedVerifyLayout``;
+* ``exact_penalties``: penalised requests verify one token per round (lossless).
 
 ``HOOKED_SYMBOLS`` lists every SGLang object this package subclasses, overrides, calls or
 wraps at run time; ``tests/integration/test_patch_symbols.py`` resolves each against the
@@ -44,6 +45,12 @@ HOOKED_SYMBOLS = (
     "sglang.srt.speculative.ragged_verify.RaggedVerifyLayout",
     "sglang.srt.speculative.spec_info.SpecInput.ragged_verify_layout",
     "sglang.srt.managers.schedule_batch.ScheduleBatch.has_grammar",
+    # exact_penalties: req.sampling_params (penalties, min_new_tokens), req.output_ids,
+    # batch.reqs and the verify input's retrieve_next_token
+    "sglang.srt.sampling.sampling_params.SamplingParams",
+    "sglang.srt.managers.schedule_batch.Req",
+    "sglang.srt.managers.schedule_batch.ScheduleBatch",
+    "sglang.srt.speculative.eagle_info.EagleVerifyInput",
 )
 
 __all__ = ["DSDESpecAlgo", "HOOKED_SYMBOLS", "SGLANG_VERSION_READ", "worker_factory"]

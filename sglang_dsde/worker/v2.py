@@ -31,6 +31,7 @@ from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
 from sglang_dsde import args
 from sglang_dsde.runtime import DSDERuntime
+from sglang_dsde.worker import exact_penalties
 
 from . import ragged
 from .ragged import RaggedVerify
@@ -84,13 +85,15 @@ class DSDEWorkerV2(StandaloneWorkerV2):
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
         super().__init__(server_args, gpu_id, nccl_port, target_worker)
         self.dsde_config = args.dsde_config_of(server_args)
-        self.dsde_initial_steps = self.speculative_num_steps
         cfg = self.dsde_config
+        # The SL of a new request (0 allowed: SGLang's static state then has 1 step).
+        self.dsde_initial_steps = (self.speculative_num_steps if cfg.initial_steps is None
+                                   else cfg.initial_steps)
         # Step 0 is SGLang's no-drafting state: a one-token verify (a plain decode
         # through the verify path) plus the draft extend that keeps the draft's KV
         # and the next first-draft distribution current.
         candidates = list(range(cfg.min_steps, cfg.max_steps + 1))
-        self._schedule = _StepSchedule(candidates, self.speculative_num_steps)
+        self._schedule = _StepSchedule(candidates, self.dsde_initial_steps)
         self.adaptive_controller = AdaptiveController(self, self._schedule)
         #: The ragged verify (each request verifies its own length), where supported.
         self._ragged: Optional[RaggedVerify] = None
@@ -239,6 +242,8 @@ class DSDEWorkerV2(StandaloneWorkerV2):
             return None
         # A host read of the lengths: the packed verify's shapes need them (CPU only).
         lengths = self.dsde.driver.req_steps(slots).clamp(0, steps).tolist()
+        for row in exact_penalties.penalised_rows(batch.reqs):
+            lengths[row] = 0  # it accepts no draft: verify none (exact_penalties.py)
         if min(lengths) >= steps:
             return None
         self._ragged.plan(lengths, steps)
@@ -255,6 +260,8 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         elif live and self.dsde_config.per_request_cut:
             self.dsde.cut_chains(batch.req_pool_indices,
                                  batch.spec_info.retrieve_next_token)
+        if live:  # penalised requests verify one token per round (exact_penalties.py)
+            exact_penalties.cut_penalised_chains(batch)
         try:
             result = super().verify(batch, pp_proxy_tensors=pp_proxy_tensors,
                                     grammar_barrier=grammar_barrier)

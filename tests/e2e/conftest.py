@@ -2,7 +2,9 @@
 
 Every server is bounded (``--max-total-tokens``), runs ``--dtype float32`` and is polled
 on ``/health`` with a bounded start-up wait (``tools.testing.launch_server``).
-Servers are module-scoped, so at most one module's servers live at a time.
+Servers are module-scoped, so at most one module's servers live at a time, except
+``plain_reference``: one server without speculation that several modules compare with
+(package scope: started once, stopped after the last e2e module).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tools.testing import make_tiny_llama
+from tools.testing import make_tiny_llama, running_server
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +29,16 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server_logs(tmp_path_factory):
     return tmp_path_factory.mktemp("server-logs")
+
+
+@pytest.fixture(scope="package")
+def plain_reference(tiny_models, server_logs):
+    """The tiny target without speculation and without overlap scheduling: with overlap,
+    SGLang feeds each output token to the penalizers one decode step late (it reads
+    ``req.output_ids[-1]`` before the in-flight token lands), so only this server applies
+    penalties over every earlier output token. Greedy and sampled outputs do not depend
+    on it."""
+    with running_server(tiny_models.target, algorithm=None, max_total_tokens=4096,
+                        log_dir=server_logs,
+                        extra_args=["--disable-overlap-schedule"]) as server:
+        yield server

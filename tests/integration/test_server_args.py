@@ -123,3 +123,84 @@ def test_draft_model_is_required(plugins_loaded, tiny_pair):
                                        "--speculative-algorithm", "DSDE"])
     with pytest.raises(DSDEConfigError, match="--speculative-draft-model-path is required"):
         server_args.resolve_once()
+
+
+def test_default_floor_above_max_steps_blames_the_knob_the_user_set(plugins_loaded, tiny_pair):
+    """``--dsde-policy dsde`` floors the SL at 2 by default: with ``--dsde-max-steps 1`` the
+    message names --dsde-max-steps (given), not --dsde-min-steps (never passed)."""
+    with pytest.raises(DSDEConfigError) as excinfo:
+        resolve(tiny_pair, "--dsde-policy", "dsde", "--dsde-max-steps", "1")
+    text = str(excinfo.value)
+    assert text.startswith("--dsde-max-steps (DSDE knob 'max_steps') = 1: expected an integer "
+                           "in [2, 32] with --dsde-policy dsde"), text
+    assert "default of --dsde-min-steps" in text and "\n" not in text
+
+
+def test_initial_steps_zero_is_honoured(plugins_loaded, tiny_pair):
+    """An initial SL of 0 starts requests in SGLang's no-drafting state; SGLang's own
+    static state keeps one step (it must draft)."""
+    server_args = resolve(tiny_pair, "--dsde-policy", "static", "--dsde-initial-steps", "0")
+    resolved = server_args.resolved_dict()
+    assert (resolved["speculative_num_steps"], resolved["speculative_num_draft_tokens"]) == (1, 2)
+    cfg = dsde_config_of(server_args)
+    from sglang_dsde.args import initial_steps_of
+
+    assert cfg.initial_steps == 0 and initial_steps_of(server_args, cfg) == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--dsde-initial-steps", "3", "--speculative-num-steps", "2"],
+     "--dsde-initial-steps = 3 and --speculative-num-steps = 2: both set the SL of a new "
+     "request with DSDE; give one of them"),
+    (["--dsde-policy", "dsde", "--dsde-min-steps", "0", "--dsde-initial-steps", "0"],
+     "--dsde-initial-steps = 0: with --dsde-policy dsde expected an integer in "
+     "[max(1, min_steps)=1, max_steps=10]"),
+    (["--dsde-policy", "dsde", "--dsde-initial-steps", "1"],
+     "(min_steps is 2, the default of --dsde-min-steps for --dsde-policy dsde)"),
+])
+def test_initial_steps_conflicts_are_refused(plugins_loaded, tiny_pair, extra, message):
+    with pytest.raises(DSDEConfigError) as excinfo:
+        resolve(tiny_pair, *extra)
+    assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def _resolve_with_draft(tiny_pair, draft):
+    return resolve((tiny_pair[0], str(draft)))
+
+
+def test_draft_path_that_does_not_exist_is_refused_naming_the_flag(plugins_loaded, tiny_pair,
+                                                                   tmp_path):
+    missing = tmp_path / "no-such-draft"
+    with pytest.raises(DSDEConfigError) as excinfo:
+        _resolve_with_draft(tiny_pair, missing)
+    assert str(excinfo.value) == (f"--speculative-draft-model-path = '{missing}': no such "
+                                  f"directory (expected the folder of a draft model sharing "
+                                  f"the target's vocabulary)")
+
+
+def test_draft_with_another_vocabulary_is_refused_before_weights_load(plugins_loaded, tiny_pair,
+                                                                      tmp_path):
+    from tools.testing import make_tiny_llama
+
+    other = make_tiny_llama(tmp_path / "vocab400", num_layers=1, vocab=400, seed=1)
+    with pytest.raises(DSDEConfigError) as excinfo:
+        _resolve_with_draft(tiny_pair, other)
+    text = str(excinfo.value)
+    assert text.startswith(f"--speculative-draft-model-path = '{other}': vocab_size ")
+    assert "the target's (--model-path) is" in text and "\n" not in text
+
+
+def test_draft_whose_tokenizer_maps_ids_differently_is_refused(plugins_loaded, tiny_pair,
+                                                               tmp_path):
+    """Same vocab_size, two tokens swapped: SGLang would load both models to find out."""
+    import shutil
+
+    draft = tmp_path / "swapped"
+    shutil.copytree(tiny_pair[1], draft)
+    spec = json.loads((draft / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = "a", "b"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (draft / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(DSDEConfigError, match="its tokenizer maps 2 token\(s\) to other ids"):
+        _resolve_with_draft(tiny_pair, draft)
