@@ -217,12 +217,14 @@ class OnlineRoundCost:
         k = torch.arange(max_steps + 1, dtype=torch.float64, device=self.device)
         return self._features(torch.full_like(k, float(batch_size)), k) @ self.coefs
 
-    def observe(self, batch_size: int, batch_steps: int, seconds: float) -> None:
-        """One measured round (host numbers); updates the coefficients on the device."""
-        f64 = dict(dtype=torch.float64, device=self.device)
-        x = self._features(torch.tensor(float(batch_size), **f64),
-                           torch.tensor(float(batch_steps), **f64))
-        t = torch.tensor(float(seconds), **f64)
+    def observe(self, sample: torch.Tensor) -> None:
+        """One measured round: ``sample`` = ``[batch size, steps, seconds]`` float64 on
+        this model's device (``round_sample`` builds one from host numbers). A tensor, not
+        host numbers, so the engine can stage it without a host sync and share one rank's
+        timing with the others (``DSDERuntime``)."""
+        sample = sample.to(dtype=torch.float64)
+        x = self._features(sample[0], sample[1])
+        t = sample[2]
         predicted = x @ self.coefs
         # Drop non-positive timings and outliers (a gap that held more than one round).
         keep = (t > 0) & ((self.num_samples < MIN_SAMPLES) | (t <= OUTLIER_FACTOR * predicted))
@@ -239,6 +241,15 @@ class OnlineRoundCost:
         rhs = self._rhs + self._prior_rhs / scale
         self.coefs = torch.where(torch.isfinite(rhs).all(), solve_nonnegative(gram, rhs),
                                  self.coefs)
+
+
+def round_sample(batch_size: int, batch_steps: int, seconds: float, device="cpu"
+                 ) -> torch.Tensor:
+    """``[batch size, steps, seconds]`` float64: one round's cost sample built from host
+    numbers (the simulator, the replay; on a CUDA device this is a host-to-device copy,
+    which the engine's runtime avoids by staging)."""
+    return torch.tensor([float(batch_size), float(batch_steps), float(seconds)],
+                        dtype=torch.float64, device=device)
 
 
 def solve_nonnegative(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

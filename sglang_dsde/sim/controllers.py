@@ -31,6 +31,7 @@ import torch
 
 from ..config import DSDEConfig
 from ..core import PolicyDriver
+from ..core.round_cost import round_sample
 from .cost import RoundCost
 from ..trace import RequestTrace
 
@@ -98,8 +99,9 @@ class PolicyController(Controller):
             first_entropy = torch.tensor([float(r.trace.draft_entropy[r.pos][0])
                                           for r in batch], dtype=torch.float64)
         batch_steps = int(self.driver.plan(slots, first_entropy))
-        if self.per_request_cut:
-            return self.driver.req_steps(slots).numpy().astype(np.int64), batch_steps
+        if self.per_request_cut:  # each request's own SL, within what the batch drafts
+            req_steps = self.driver.req_steps(slots).numpy().astype(np.int64)
+            return np.minimum(req_steps, batch_steps), batch_steps
         return np.full(len(batch), batch_steps, dtype=np.int64), batch_steps
 
     def observe(self, batch, req_drafted, req_accepted):
@@ -122,7 +124,7 @@ class PolicyController(Controller):
                                          zip(batch, decision.req_steps.tolist())}})
 
     def observe_cost(self, batch_size, batch_steps, cost):
-        self.driver.observe_cost(batch_size, batch_steps, cost)
+        self.driver.observe_cost(round_sample(batch_size, batch_steps, cost))
 
     def release(self, slots):
         self.driver.release(torch.tensor(list(slots), dtype=torch.int64))

@@ -10,7 +10,8 @@ SGLang's ``req_pool_indices``). A round, as the driver calls it::
     ... draft ``steps`` steps, verify ...
     decision = policy.update(slots, req_num_drafted, req_num_accepted,
                              req_kl=kl, req_temperature=temps)
-    policy.observe_round(bs, steps, seconds)       # the round's measured cost
+    policy.observe_round(sample)                   # the round's measured cost, a device
+                                                   # tensor [bs, steps, seconds]
     ... when requests finish or abort:
     policy.reset_slots(finished_slots)
 
@@ -83,6 +84,8 @@ class SpecPolicy:
     needs_draft_entropy = False
     #: Whether the policy reads ``observe_first_entropy``.
     needs_first_entropy = False
+    #: Whether the policy reads ``observe_round`` (the engine times rounds only then).
+    needs_round_cost = False
 
     def __init__(self, cfg: DSDEConfig, *, max_slots: int, device, initial_steps: int):
         if max_slots < 1:
@@ -117,9 +120,10 @@ class SpecPolicy:
             return torch.zeros((), dtype=torch.int64, device=self.device)
         return req_steps.max()
 
-    def observe_round(self, batch_size: int, batch_steps: int, seconds: float) -> None:
-        """A measured round (host numbers): ``batch_size`` requests drafted
-        ``batch_steps`` and the round took ``seconds``. Default: ignored."""
+    def observe_round(self, sample: torch.Tensor) -> None:
+        """A measured round: ``sample`` = ``[batch size, steps, seconds]`` float64 on the
+        policy's device (``round_cost.round_sample`` builds one from host numbers).
+        Default: ignored."""
 
     def describe(self) -> dict:
         """Server-wide learned state for humans (``/server_info``; reads the device, so
