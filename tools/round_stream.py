@@ -122,3 +122,50 @@ def make_goodput_runtime(device="cpu", share=None, vocab: int = 64, max_slots: i
     return DSDERuntime(cfg, max_slots=max_slots, max_rows=max_slots, vocab_size=vocab,
                        initial_steps=4, device=device, lag_rounds=lag_rounds, share=share)
 
+
+
+def _rank_main(rank: int, world: int, init_file: str, rounds: int, lag_rounds: int,
+               share: bool, out_dir: str) -> None:
+    """One "TP rank": the same stream, its own clock; rank 0's cost samples shared."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+
+    def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(t, src=0)
+        return t
+
+    runtime = make_goodput_runtime(share=broadcast_from_rank0 if share else None,
+                                   lag_rounds=lag_rounds)
+    decided = RoundStream(seed=0).run(runtime, rounds, clock_seed=1000 + rank)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(decided, fh)
+    dist.destroy_process_group()
+
+
+def decisions_on_ranks(*, world: int = 2, rounds: int = 1000, lag_rounds: int = 1,
+                       share: bool = True) -> List[List[int]]:
+    """Each rank's decisions over the same stream, ``world`` processes (torch.distributed,
+    gloo), clocks jittered per rank; ``share``: the runtime broadcasts rank 0's cost
+    sample, as the worker does under TP > 1."""
+    import json
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "rendezvous")
+        mp.start_processes(_rank_main, args=(world, init_file, rounds, lag_rounds, share,
+                                             out_dir),
+                           nprocs=world, join=True, start_method="spawn")
+        decided = []
+        for rank in range(world):
+            with open(os.path.join(out_dir, f"rank{rank}.json")) as fh:
+                decided.append(json.load(fh))
+    return decided
