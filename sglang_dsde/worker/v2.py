@@ -141,14 +141,7 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         self.dsde_config = args.dsde_config_of(server_args)
         self.dsde_initial_steps = self.speculative_num_steps
         cfg = self.dsde_config
-        # Step 0 is SGLang's no-drafting state: a one-token verify (a plain decode
-        # through the verify path) plus the draft extend that keeps the draft's KV
-        # and the next first-draft distribution current.
-        candidates = list(state_steps_for(cfg, self.speculative_num_steps))
-        self._schedule = _StepSchedule(candidates, self.speculative_num_steps,
-                                       on_graph_bs=self._log_states)
-        self.adaptive_controller = AdaptiveController(self, self._schedule)
-        self.num_state_switches = 0
+        self._init_step_states()
         self.dsde: Optional[DSDERuntime] = None
         self._extend_output = None
         self._warned_skipped = False
@@ -162,6 +155,17 @@ class DSDEWorkerV2(StandaloneWorkerV2):
                 cfg.max_steps)
 
     # -- start-up ---------------------------------------------------------------
+
+    def _init_step_states(self) -> None:
+        """SGLang's controller over one runtime state per runnable step count (built by
+        ``init_cuda_graphs``). Step 0 is SGLang's no-drafting state: a one-token verify
+        (a plain decode through the verify path) plus the draft extend that keeps the
+        draft's KV and the next first-draft distribution current."""
+        candidates = list(state_steps_for(self.dsde_config, self.dsde_initial_steps))
+        self._schedule = _StepSchedule(candidates, self.dsde_initial_steps,
+                                       on_graph_bs=self._log_states)
+        self.adaptive_controller = AdaptiveController(self, self._schedule)
+        self.num_state_switches = 0
 
     def init_cuda_graphs(self):
         self._init_dsde_runtime()
