@@ -137,9 +137,9 @@ class DSDEConfig:
                                             "p ** (1 + w * max(0, WVIR - 1)).", lo=0.0,
                                             hi=10.0)
     goodput_probe_every: int = _knob(32, "goodput policy: every this many rounds the batch "
-                                     "drafts one step more than its estimate, half a period "
-                                     "later one less (exploration; 0: never).", lo=0,
-                                     hi=100000)
+                                     "drafts the next runtime state above its estimate, or "
+                                     "alternately the one below (exploration; 0: never).",
+                                     lo=0, hi=100000)
 
     def __post_init__(self) -> None:
         if self.min_steps is None and self.policy in POLICY_CHOICES:
