@@ -15,8 +15,8 @@
   ``bench/results/sim/cpu_prior_*.json`` plus both H100 presets.
 * Contenders: ``static:0 .. static:K`` (K = the trace's max_steps) always, then the
   ``--contenders`` list (default: the comparison's policy list,
-  ``sim.contenders.POLICY_CONTENDERS``, and hindsight-greedy); the oracle bound is
-  added to every cell.
+  ``sim.contenders.POLICY_CONTENDERS``: each per-request policy ragged and padded, and
+  the two hindsight schedules); the oracle bound is added to every cell.
 * ``--seed`` shuffles the arrival order of each trace's requests (0: file order).
 
 Writes ``OUT/sim.md`` and ``OUT/sim.json`` (every row; ``sglang_dsde.sim.report``),
@@ -41,13 +41,13 @@ import numpy as np  # noqa: E402
 
 from sglang_dsde.sim import (GPU_PRESETS, cost_from_spec, parse_contenders,  # noqa: E402
                              read_trace, run_cell, synthetic_trace)
-from sglang_dsde.sim.contenders import POLICY_CONTENDERS, static_contenders  # noqa: E402
+from sglang_dsde.sim.contenders import HINDSIGHT, POLICY_CONTENDERS, static_contenders  # noqa: E402
 from sglang_dsde.sim.cost import BATCH1_PRESETS, default_context  # noqa: E402
 from sglang_dsde.sim.report import best_single_static, write_tables  # noqa: E402
 from sglang_dsde.trace import trace_summary  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_CONTENDERS = ";".join(POLICY_CONTENDERS + ("hindsight-greedy",))
+DEFAULT_CONTENDERS = ";".join(POLICY_CONTENDERS + tuple(HINDSIGHT))
 
 
 def trace_name(path: Path, header: dict) -> str:

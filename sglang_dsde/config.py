@@ -120,6 +120,10 @@ class DSDEConfig:
                                          lo="min_steps", hi="max_steps", kind=tuple)
     per_request_cut: bool = _knob(False, "Cut a request's verify chain at its own SL when "
                                   "the batch drafts more (lossless, saves no compute).")
+    ragged_verify: bool = _knob(True, "Ragged verify: the batch drafts its largest SL and "
+                                "each request verifies only its own SL + 1 tokens, where "
+                                "the engine supports it (else, with one log line, every "
+                                "request verifies the batch's full window).")
     # Knobs of the AdaEDL-style baseline (policy "adaedl"); ignored by the other policies.
     adaedl_gamma: float = _knob(0.5, "adaedl policy: gamma of the acceptance lower bound "
                                 "1 - sqrt(gamma * draft_entropy).", lo=0.0, hi=100.0,

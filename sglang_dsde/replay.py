@@ -83,9 +83,10 @@ def run_rounds(view: RoundTrace, cfg: DSDEConfig, cost=None) -> Iterator[dict]:
             torch.tensor([ln.accepted for ln in batch]), kl=kl,
             temperature=torch.tensor([ln.temperature for ln in batch], dtype=torch.float64),
             draft_entropy=entropy)
-        seconds = _round_seconds(batch, cost, width)
+        verified = sum(ln.drafted for ln in batch)
+        seconds = _round_seconds(batch, cost, width, verified)
         if seconds is not None:
-            driver.observe_cost(round_sample(len(batch), width, seconds))
+            driver.observe_cost(round_sample(len(batch), width, seconds, verified))
         yield _decision_line(batch[0].round, int(decision.cap), [ln.request for ln in batch],
                              decision.req_steps.tolist())
         done = [ln.slot for ln in batch if ln.done]
@@ -97,12 +98,13 @@ def _nan_if_none(value: Optional[float]) -> float:
     return float("nan") if value is None else value
 
 
-def _round_seconds(batch: List[RoundLine], cost, steps: int) -> Optional[float]:
+def _round_seconds(batch: List[RoundLine], cost, steps: int,
+                   verified: int) -> Optional[float]:
     """The round's cost: measured on the lines, else modelled, else unknown."""
     measured = [ln.seconds for ln in batch if ln.seconds is not None]
     if measured:
         return max(measured)
-    return cost.round(len(batch), steps) if cost is not None else None
+    return cost.round(len(batch), steps, verified) if cost is not None else None
 
 
 def run_closed_loop(trace: Trace, cfg: DSDEConfig, cost, concurrency: int) -> List[dict]:

@@ -53,6 +53,7 @@ import torch
 
 from sglang_dsde.config import DSDEConfig
 from sglang_dsde.core import PolicyDriver, entropy_of_logits, kl_per_position
+from sglang_dsde.core.round_cost import round_sample_values
 from sglang_dsde.staging import HostToDevice
 
 
@@ -99,11 +100,16 @@ class DSDERuntime:
         # Host-side counters, updated when a decision is read (never in the round path).
         self.num_rounds = 0
         self.num_skipped_signals = 0  # request-rounds whose signal was skipped
+        #: Request-rounds verified, target tokens verified over them (the mean verify
+        #: width per request is their ratio), and what full windows would have verified.
+        self.request_rounds = 0
+        self.verified_tokens = 0
+        self.window_tokens = 0
         self.last_cap = -1
         self.last_batch_steps = self.initial_steps
         self.batch_steps_histogram: dict = {}
-        #: ``(batch size, steps, host clock)`` of the decode round in flight (timing).
-        self._round_clock: Optional[Tuple[int, int, float]] = None
+        #: ``(batch size, steps, host clock, verified)`` of the decode round in flight.
+        self._round_clock: Optional[tuple] = None
         #: Step counts whose first (warm-up) round has run; see ``on_decode_round_start``.
         self._warm_steps: set = set()
 
@@ -183,27 +189,34 @@ class DSDERuntime:
             self.slot_first_draft[slots.to(self.device, torch.int64)] = \
                 logits[:bs].to(self.slot_first_draft.dtype)
 
-    def cut_chains(self, slots: torch.Tensor, retrieve_next_token: torch.Tensor) -> None:
-        """Stop each request's verify chain after its own SL (``per_request_cut``).
+    def cut_chains(self, slots: torch.Tensor, retrieve_next_token: torch.Tensor,
+                   lengths: Optional[torch.Tensor] = None) -> None:
+        """Stop each request's verify chain after its own SL (``per_request_cut``, and a
+        ragged verify with its round's ``lengths``).
 
         ``retrieve_next_token[b, j] = -1`` ends request b's greedy walk after node j; node 0
         is the bonus token, so a request of SL k keeps nodes ``0..k`` and can accept at
         most k drafts. Lossless; it saves no compute (the batch still drafts and verifies
         its full width) and can only lower that request's accepted tokens.
         """
-        req_steps = self.driver.req_steps(slots.to(self.device, torch.int64))
-        req_steps = req_steps.to(retrieve_next_token.device)
+        if lengths is None:
+            lengths = self.driver.req_steps(slots.to(self.device, torch.int64))
+        req_steps = lengths.to(retrieve_next_token.device)
         nodes = torch.arange(retrieve_next_token.shape[1], device=retrieve_next_token.device)
         retrieve_next_token.masked_fill_(nodes.unsqueeze(0) >= req_steps.unsqueeze(1), -1)
 
     def on_verify(self, slots: torch.Tensor, steps: int, target_logits: torch.Tensor,
-                  accept_lens: torch.Tensor, temperature: Optional[torch.Tensor] = None
-                  ) -> torch.Tensor:
+                  accept_lens: torch.Tensor, temperature: Optional[torch.Tensor] = None,
+                  verified_tokens: Optional[int] = None,
+                  num_drafted: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Feed one verify round; return each request's SL for its next round ``[bs]``
         (at least ``min_runnable_steps``).
 
         ``target_logits``: ``[bs * (steps + 1), V]``, row ``b * (steps + 1) + j`` the target
-        distribution after node j; ``accept_lens``: accepted drafts + 1 (the bonus).
+        distribution after node j; ``accept_lens``: accepted drafts + 1 (the bonus);
+        ``verified_tokens``: target tokens the round verified over the batch (host int;
+        default every request's full window, ``bs * (steps + 1)``); ``num_drafted``:
+        ``[bs]`` drafts each request was verified on (a ragged verify; default ``steps``).
         """
         bs = int(slots.shape[0])
         slots = slots.to(self.device, torch.int64)
@@ -213,7 +226,8 @@ class DSDERuntime:
         width = steps + 1
         target = target_logits.reshape(bs, width, self.vocab_size)
         draft = self.round_draft_logits(bs, steps)
-        num_drafted = torch.full((bs,), steps, dtype=torch.int64, device=self.device)
+        num_drafted = (torch.full((bs,), steps, dtype=torch.int64, device=self.device)
+                       if num_drafted is None else num_drafted.to(self.device, torch.int64))
         # The KL is computed for every policy: it is reported (meta_info ``dsde_kl``) and
         # tells a non-finite round from a usable one.
         with_entropy = self.policy.needs_draft_entropy
@@ -222,7 +236,8 @@ class DSDERuntime:
         kl, entropy = out if with_entropy else (out, None)
         kl = kl[:, :steps]
         entropy = entropy[:, :steps] if entropy is not None else None
-        num_accepted = (accept_lens.to(self.device, torch.int64) - 1).clamp(0, steps)
+        num_accepted = torch.minimum(accept_lens.to(self.device, torch.int64) - 1,
+                                     num_drafted).clamp_min(0)
         # A round of 0 steps (the no-drafting state) has nothing to check; non-finite
         # logits skip the request's signal and its SL falls back (the policy's preamble).
         decision = self.driver.observe(slots, num_drafted, num_accepted, kl=kl,
@@ -232,7 +247,10 @@ class DSDERuntime:
         usable = torch.isfinite(kl).all(dim=1) & (num_drafted > 0)
         self.last_req_mean_kl = torch.where(usable, kl.mean(dim=1), float("nan"))
         self.num_rounds += 1
-        self._push_decision(torch.stack([self.driver.snap(req_steps.max()),
+        self.request_rounds += bs
+        self.window_tokens += bs * width
+        self.verified_tokens += bs * width if verified_tokens is None else int(verified_tokens)
+        self._push_decision(torch.stack([self.driver.snap(decision.batch_steps),
                                          decision.num_skipped, decision.cap]))
         # Reported as what will run (meta_info ``dsde_sl``): below the engine's smallest
         # pre-built state a request drafts ``min_runnable_steps``.
@@ -284,10 +302,13 @@ class DSDERuntime:
 
     # -- round timing (host clock) ------------------------------------------------------
 
-    def on_decode_round_start(self, batch_size: int, steps: int, now: float) -> None:
-        """A decode round starts at host time ``now`` (seconds). The time since the
-        previous decode round started, when nothing else ran in between, is that round's
-        cost; the policy learns its round-cost model from it (``observe_round``)."""
+    def on_decode_round_start(self, batch_size: int, steps: int, now: float,
+                              verified: Optional[int] = None) -> None:
+        """A decode round of ``batch_size`` requests drafting ``steps`` (the target
+        verifying ``verified`` drafted tokens; default all) starts at host time ``now``
+        (seconds). The time since the previous decode round started, when nothing else ran
+        in between, is that round's cost; the policy learns its round-cost model from it
+        (``observe_round``)."""
         previous = self._round_clock
         # The first round a runtime state runs pays one-off work (lazy buffers, first
         # kernels: many times a round); as a cost sample it would make that step count
@@ -295,14 +316,15 @@ class DSDERuntime:
         # is a host value that is the same on every TP rank.)
         if previous is not None and previous[1] in self._warm_steps and \
                 self.policy.needs_round_cost:
-            sample = self._stage([float(previous[0]), float(previous[1]), now - previous[2]],
+            sample = self._stage(round_sample_values(previous[0], previous[1],
+                                                     now - previous[2], previous[3]),
                                  torch.float64)
             if self.share is not None:
                 sample = self.share(sample)
             self.driver.observe_cost(sample)
         if previous is not None:
             self._warm_steps.add(previous[1])
-        self._round_clock = (int(batch_size), int(steps), float(now))
+        self._round_clock = (int(batch_size), int(steps), float(now), verified)
 
     def on_other_work(self) -> None:
         """Something other than a decode round ran (a prefill, an idle period): the gap
@@ -331,6 +353,9 @@ class DSDERuntime:
             "policy": self.cfg.policy,
             "live_slots": int(self.slot_in_use.sum()),
             "rounds": self.num_rounds,
+            "request_rounds": self.request_rounds,
+            "verified_tokens": self.verified_tokens,
+            "window_tokens": self.window_tokens,
             "skipped_signals": self.num_skipped_signals,
             "last_batch_steps": self.last_batch_steps,
             "last_cap": self.last_cap,

@@ -8,7 +8,7 @@ One round, in this order (any caller)::
     ... draft, verify ...
     decision = driver.observe(slots, drafted, accepted, kl=..., temperature=..., ...)
     driver.observe_cost(sample)                 # the round's measured or modelled cost:
-                                                #   round_cost.round_sample(bs, steps, s)
+                                                #   round_cost.round_sample(bs, steps, s, T)
     ... requests join / leave: driver.admit(slots) / driver.release(slots)
 
 ``plan`` snaps the policy's batch decision to the step counts the engine can run
@@ -117,8 +117,9 @@ class PolicyDriver:
                                   req_draft_entropy=draft_entropy, batch_size=batch_size)
 
     def observe_cost(self, sample: torch.Tensor) -> None:
-        """The cost of the round just played: ``[batch size, steps, seconds]`` float64 on
-        the policy's device (``round_cost.round_sample`` from host numbers)."""
+        """The cost of the round just played: ``[batch size, steps, seconds, verified]``
+        float64 on the policy's device (``verified``: the drafted tokens the target
+        verified; ``round_cost.round_sample`` from host numbers)."""
         self.policy.observe_round(sample)
 
     def describe(self) -> dict:

@@ -1,16 +1,19 @@
 """The one round-cost protocol: features, world models, the online model, one NNLS solver.
 
-A decode round of ``bs`` requests drafting ``k`` tokens each (``k = 0``: no draft call;
-on SGLang that state still verifies the bonus token and runs the draft extend) costs::
+A decode round of ``bs`` requests drafting ``k`` steps (``k = 0``: no draft call; on
+SGLang that state still verifies the bonus token and runs the draft extend), in which the
+target verifies ``T`` drafted tokens over the batch (``T = bs * k`` when every request
+verifies the full window; less with a per-request, ragged verify), costs::
 
-    cost(bs, k) = k * d0                      # draft decode steps (the batch's fixed part)
-                + k * bs * d1                 # one more drafted token of one request: its
-                                              #   draft row, verify row and extend row
-                + v0 + v1 * bs                # the round itself, and each request in it
-                + [k > 0] * (e0 + e1 * bs)    # fixed cost of a speculative round
-                + [k = 0] * n1 * bs           # the no-drafting state's own cost per request
+    cost(bs, k, T) = k * d0                   # draft decode steps (the batch's fixed part)
+                   + k * bs * d1              # a drafted token of a request: its draft row
+                                              #   and its extend row
+                   + T * dv                   # a drafted token the target verifies
+                   + v0 + v1 * bs             # the round itself, and each request in it
+                   + [k > 0] * (e0 + e1 * bs) # fixed cost of a speculative round
+                   + [k = 0] * n1 * bs        # the no-drafting state's own cost per request
 
-``round_feature_list`` gives the seven features; every cost model of the project speaks
+``round_feature_list`` gives the eight features; every cost model of the project speaks
 this basis (``ROUND_COEFS``):
 
 * ``LinearRoundCost``: a world model (the simulator's clock, a fit of the engine's round
@@ -21,13 +24,13 @@ this basis (``ROUND_COEFS``):
 
 Why this basis: a request in the batch (``v1``: its own attention over its context, its
 sampling and bookkeeping) costs far more than one more token of a request already there
-(``d1``) on a CPU, where the per-request paths are loops; a basis that charged every
+(``d1 + dv``) on a CPU, where the per-request paths are loops; a basis that charged every
 verified token like a request would, with non-negative coefficients, learn from the
 batch-size slope that drafting is as dear as adding requests. SGLang's no-drafting state
 is its own code path and may cost more per request than the drafting states' linear trend
 says (``n1``). docs/goodput.md has the engine's measurements behind these choices.
 
-``OnlineRoundCost`` fits the seven non-negative coefficients by exponentially forgotten
+``OnlineRoundCost`` fits the eight non-negative coefficients by exponentially forgotten
 least squares on *relative* errors (each timing t weighs ``1 / t^2``, so a round of 1
 request counts as much as a round of 64), regularised toward a *prior shape* scaled to
 the data: before any timing it predicts the prior (relative units, a target decode step
@@ -35,8 +38,9 @@ the data: before any timing it predicts the prior (relative units, a target deco
 design points, so the system is always well posed (directions the policy never explores
 stay at the prior's shape times the learned scale) and does not wind up under
 forgetting. Each ``observe`` is a rank-one update plus one batched solve on the device
-(``solve_nonnegative``: the exact non-negative solution over all 128 sets of free
-coefficients; ``solve_ex``, so no host synchronisation). The argmax of tokens per unit of
+(``solve_nonnegative``: the exact non-negative solution over all 256 sets of free
+coefficients; ``solve_ex``, so no host synchronisation). Padded rounds cannot tell ``d1``
+from ``dv`` (``T = bs * k``); the prior splits them until ragged rounds teach the split. The argmax of tokens per unit of
 cost does not depend on the unit, so only the shape must be right early on.
 
 A timing more than ``OUTLIER_FACTOR`` x the prediction, once ``MIN_SAMPLES`` timings were
@@ -48,57 +52,66 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
 
 #: Coefficient names, in feature order.
-ROUND_COEFS = ("d0", "d1", "v0", "v1", "e0", "e1", "n1")
+ROUND_COEFS = ("d0", "d1", "dv", "v0", "v1", "e0", "e1", "n1")
 #: Prior shape in units of one target decode step at batch 1 (v0 + v1 ~ 1): a draft step
 #: ~ 1/8 of it, one more drafted token of a request ~ 1/20 (between a memory-bound GPU and
-#: a CPU; docs/goodput.md), a small fixed speculation overhead, and no extra cost of the
-#: no-drafting state.
-PRIOR_SHAPE = (0.12, 0.054, 0.95, 0.05, 0.08, 0.004, 0.0)
+#: a CPU; docs/goodput.md; 60% of it its verify), a small fixed speculation overhead, and
+#: no extra cost of the no-drafting state.
+PRIOR_SHAPE = (0.12, 0.022, 0.032, 0.95, 0.05, 0.08, 0.004, 0.0)
 #: Total weight of the prior, in rounds (the data's weight tends to 1 / (1 - memory)).
 PRIOR_ROUNDS = 1.0
 #: Forgetting factor per observed round.
 MEMORY = 0.995
 OUTLIER_FACTOR = 4.0
 MIN_SAMPLES = 8
-#: Design points of the prior pseudo-observations: batch sizes x step counts (full rank).
+#: Design points of the prior pseudo-observations: batch sizes x step counts x the share
+#: of the drafted tokens verified (1: a full window; 1/2: a ragged verify): full rank.
 _PRIOR_BS = (1.0, 4.0, 16.0)
 _PRIOR_STEPS = (0.0, 1.0, 3.0, 8.0)
+_PRIOR_VERIFIED = (1.0, 0.5)
 
 
-def round_feature_list(batch_size, batch_steps) -> list:
-    """The seven features of ``cost(bs, k)`` (module docstring), element-wise.
+def round_feature_list(batch_size, batch_steps, verified=None) -> list:
+    """The eight features of ``cost(bs, k, T)`` (module docstring), element-wise;
+    ``verified`` (``T``) defaults to ``bs * k``, every request verifying the full window.
 
     Works on numbers, numpy arrays and torch tensors alike (operators only); the caller
     stacks them with its own library.
     """
     bs, k = batch_size, batch_steps
+    verified = k * bs if verified is None else verified
     spec = (k > 0) * 1.0
-    return [k * 1.0, k * bs, k * 0.0 + 1.0, bs * 1.0, spec, spec * bs, (1.0 - spec) * bs]
+    return [k * 1.0, k * bs, verified * 1.0, k * 0.0 + 1.0, bs * 1.0, spec, spec * bs,
+            (1.0 - spec) * bs]
 
 
-def round_features(batch_size, batch_steps) -> np.ndarray:
-    """``[..., 7]`` float64 features (numpy), in ``ROUND_COEFS`` order."""
+def round_features(batch_size, batch_steps, verified=None) -> np.ndarray:
+    """``[..., 8]`` float64 features (numpy), in ``ROUND_COEFS`` order."""
     bs = np.asarray(batch_size, dtype=np.float64)
     k = np.asarray(batch_steps, dtype=np.float64)
-    return np.stack(round_feature_list(bs, k), axis=-1)
+    verified = None if verified is None else np.asarray(verified, dtype=np.float64)
+    return np.stack(round_feature_list(bs, k, verified), axis=-1)
 
 
 class RoundCost(Protocol):
     """A world model of the engine's time, as the simulator's clock and the replay use it:
-    ``round(bs, k)`` one decode round, ``prefill(n)`` one request's prefill (target +
-    draft), in ``unit``; non-decreasing in ``k`` (the oracle bound relies on it)."""
+    ``round(bs, k, verified)`` one decode round (``verified``: drafted tokens the target
+    verifies over the batch, default ``bs * k``), ``prefill(n)`` one request's prefill
+    (target + draft), in ``unit``; non-decreasing in ``k`` and in ``verified`` (the oracle
+    bound relies on it)."""
 
     name: str
     unit: str
     kind: str
 
-    def round(self, batch_size: int, batch_steps: int) -> float: ...
+    def round(self, batch_size: int, batch_steps: int,
+              verified: Optional[int] = None) -> float: ...
 
     def prefill(self, num_tokens: int) -> float: ...
 
@@ -139,6 +152,7 @@ class LinearRoundCost(CostModel):
     d1: float
     v0: float
     v1: float
+    dv: float = 0.0
     e0: float = 0.0
     e1: float = 0.0
     n1: float = 0.0
@@ -157,18 +171,19 @@ class LinearRoundCost(CostModel):
     def from_parts(cls, *, draft_step=(0.0, 0.0), verify=(0.0, 0.0), spec=(0.0, 0.0),
                    prefill=(0.0, 0.0), **kw) -> "LinearRoundCost":
         """A world described by its physical parts, in this basis: a draft step of a batch
-        ``draft_step[0] + draft_step[1] * bs``, a verify of ``bs * (k + 1)`` tokens
-        ``verify[0] + verify[1] * bs * (k + 1)``, a speculative round's overhead
-        ``spec[0] + spec[1] * bs``; every coefficient stays >= 0."""
+        ``draft_step[0] + draft_step[1] * bs``, a verify of ``bs + T`` tokens (the bonus
+        token of each request and ``T`` drafted ones) ``verify[0] + verify[1] * (bs + T)``,
+        a speculative round's overhead ``spec[0] + spec[1] * bs``; all >= 0."""
         (d0, d1), (v0, v_tok), (e0, e1) = draft_step, verify, spec
-        return cls(d0=d0, d1=d1 + v_tok, v0=v0, v1=v_tok, e0=e0, e1=e1,
+        return cls(d0=d0, d1=d1, dv=v_tok, v0=v0, v1=v_tok, e0=e0, e1=e1,
                    p0=prefill[0], p1=prefill[1], **kw)
 
     def coefs(self) -> np.ndarray:
         return np.array([getattr(self, key) for key in ROUND_COEFS])
 
-    def round(self, batch_size: int, batch_steps: int) -> float:
-        return float(round_features(batch_size, batch_steps) @ self.coefs())
+    def round(self, batch_size: int, batch_steps: int,
+              verified: Optional[int] = None) -> float:
+        return float(round_features(batch_size, batch_steps, verified) @ self.coefs())
 
     def prefill(self, num_tokens: int) -> float:
         return self.p0 + self.p1 * num_tokens
@@ -176,7 +191,7 @@ class LinearRoundCost(CostModel):
     @classmethod
     def from_json(cls, obj: dict) -> "LinearRoundCost":
         if "n1" not in obj:  # written before the one basis: a verify charged per token
-            obj = dict(obj, d1=obj["d1"] + obj["v1"], n1=0.0)
+            obj = dict(obj, dv=obj["v1"], n1=0.0)
         return cls(**_fields_of(cls, obj))
 
 
@@ -189,8 +204,9 @@ class OnlineRoundCost:
         self.memory = float(memory)
         f64 = dict(dtype=torch.float64, device=dev)
         self.prior = torch.tensor(prior_shape, **f64)
-        design = torch.tensor([[b, k] for b in _PRIOR_BS for k in _PRIOR_STEPS], **f64)
-        x0 = self._features(design[:, 0], design[:, 1])
+        design = torch.tensor([[b, k, b * k * v] for b in _PRIOR_BS for k in _PRIOR_STEPS
+                               for v in _PRIOR_VERIFIED], **f64)
+        x0 = self._features(design[:, 0], design[:, 1], design[:, 2])
         # Relative pseudo-observations x0 . coefs = scale * c0: rows x0 / c0, target 1
         # (at scale s the rows are x0 / (s * c0): normal matrix / s^2, right side / s).
         rows = x0 / (x0 @ self.prior).unsqueeze(1)
@@ -208,22 +224,33 @@ class OnlineRoundCost:
         self.coefs = self.prior.clone()
 
     @staticmethod
-    def _features(batch_size: torch.Tensor, batch_steps: torch.Tensor) -> torch.Tensor:
-        return torch.stack(round_feature_list(batch_size, batch_steps), dim=-1)
+    def _features(batch_size: torch.Tensor, batch_steps: torch.Tensor,
+                  verified: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.stack(round_feature_list(batch_size, batch_steps, verified), dim=-1)
 
-    def predict(self, batch_size: int, max_steps: int) -> torch.Tensor:
+    def predict(self, batch_size: int, max_steps: int, *,
+                unverified: bool = False) -> torch.Tensor:
         """``[max_steps + 1]`` float64: predicted cost of a round of ``batch_size``
-        requests for each step count ``0 .. max_steps``."""
+        requests for each step count ``0 .. max_steps``, every request verifying the full
+        window (``unverified``: none of the drafted tokens verified; add
+        ``per_verified_token`` for each one that is)."""
         k = torch.arange(max_steps + 1, dtype=torch.float64, device=self.device)
-        return self._features(torch.full_like(k, float(batch_size)), k) @ self.coefs
+        verified = torch.zeros_like(k) if unverified else None
+        return self._features(torch.full_like(k, float(batch_size)), k, verified) @ self.coefs
+
+    @property
+    def per_verified_token(self) -> torch.Tensor:
+        """0-dim: the predicted cost of one more drafted token verified (``dv``)."""
+        return self.coefs[ROUND_COEFS.index("dv")]
 
     def observe(self, sample: torch.Tensor) -> None:
-        """One measured round: ``sample`` = ``[batch size, steps, seconds]`` float64 on
-        this model's device (``round_sample`` builds one from host numbers). A tensor, not
-        host numbers, so the engine can stage it without a host sync and share one rank's
-        timing with the others (``DSDERuntime``)."""
+        """One measured round: ``sample`` = ``[batch size, steps, seconds, verified]``
+        float64 on this model's device (``verified``: drafted tokens the target verified;
+        ``round_sample`` builds one from host numbers). A tensor, not host numbers, so the
+        engine can stage it without a host sync and share one rank's timing with the
+        others (``DSDERuntime``)."""
         sample = sample.to(dtype=torch.float64)
-        x = self._features(sample[0], sample[1])
+        x = self._features(sample[0], sample[1], sample[3])
         t = sample[2]
         predicted = x @ self.coefs
         # Drop non-positive timings and outliers (a gap that held more than one round).
@@ -243,20 +270,27 @@ class OnlineRoundCost:
                                  self.coefs)
 
 
-def round_sample(batch_size: int, batch_steps: int, seconds: float, device="cpu"
-                 ) -> torch.Tensor:
-    """``[batch size, steps, seconds]`` float64: one round's cost sample built from host
-    numbers (the simulator, the replay; on a CUDA device this is a host-to-device copy,
-    which the engine's runtime avoids by staging)."""
-    return torch.tensor([float(batch_size), float(batch_steps), float(seconds)],
+def round_sample_values(batch_size: int, batch_steps: int, seconds: float,
+                        verified: Optional[int] = None) -> list:
+    """The four host numbers of a cost sample (``verified`` default: ``bs * steps``)."""
+    verified = batch_size * batch_steps if verified is None else verified
+    return [float(batch_size), float(batch_steps), float(seconds), float(verified)]
+
+
+def round_sample(batch_size: int, batch_steps: int, seconds: float,
+                 verified: Optional[int] = None, device="cpu") -> torch.Tensor:
+    """``[batch size, steps, seconds, verified]`` float64: one round's cost sample built
+    from host numbers (the simulator, the replay; on a CUDA device this is a
+    host-to-device copy, which the engine's runtime avoids by staging)."""
+    return torch.tensor(round_sample_values(batch_size, batch_steps, seconds, verified),
                         dtype=torch.float64, device=device)
 
 
 def solve_nonnegative(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """argmin of ``c.G.c/2 - r.c`` over ``c >= 0`` (G positive definite), exactly.
 
-    With seven coefficients every subset of free ones can be tried at once: one batched
-    solve of 2^7 systems (the pinned coefficients' rows and columns replaced by the
+    With eight coefficients every subset of free ones can be tried at once: one batched
+    solve of 2^8 systems (the pinned coefficients' rows and columns replaced by the
     identity), then the feasible solution with the lowest objective wins. No host
     synchronisation, no iteration count to tune.
     """

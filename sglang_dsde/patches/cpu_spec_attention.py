@@ -18,7 +18,9 @@ This touch-point adds exactly that, through SGLang's own extension points:
   ``out_cache_loc``, then each request's queries attend over its ``req_to_token`` row:
 
   - ``TARGET_VERIFY``: ``num_draft_tokens`` queries after the committed prefix
-    (``seq_lens``); causal for a chain (topk 1), the verify tree mask otherwise.
+    (``seq_lens``); causal for a chain (topk 1), the verify tree mask otherwise; with
+    SGLang's ``RaggedVerifyLayout`` on the spec input (a ragged verify), each request's
+    own ``verify_lens`` queries.
   - ``DRAFT_EXTEND_V2``: ``extend_seq_lens`` queries ending at
     ``seq_lens`` (the forward batch already carries the post-write length), causal.
   - ``DECODE`` inside the draft loop: one query per (request, branch) over a table set by
@@ -60,6 +62,7 @@ HOOKED_SYMBOLS = (
     "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_draft_extend_backend",
     "sglang.srt.model_executor.forward_batch_info.ForwardMode.is_target_verify",
     "sglang.srt.model_executor.forward_batch_info.ForwardMode.is_draft_extend_v2",
+    "sglang.srt.speculative.spec_info.SpecInput.ragged_verify_layout",
     "sglang.srt.mem_cache.memory_pool.KVWriteLoc",
     "sglang.srt.utils.common.is_cpu",
 )
@@ -173,6 +176,18 @@ def _backend_classes():
                     raise NotImplementedError(
                         "sglang-dsde CPU verify: topk > 1 needs the QLEN_ONLY tree mask")
                 tree_mask = mask.view(bs, n, n).to(torch.bool)
+            layout = getattr(spec_info, "ragged_verify_layout", None)
+            if layout is not None:  # a ragged verify: request b verifies its own width
+                if tree_mask is not None:
+                    raise NotImplementedError(
+                        "sglang-dsde CPU verify: a ragged layout with a tree (topk > 1)")
+                widths = [int(w) for w in layout.verify_lens_cpu]
+                return _SpecView(
+                    self.req_to_token_pool.req_to_token,
+                    forward_batch.req_pool_indices.tolist(),
+                    [s + w for s, w in zip(forward_batch.seq_lens.tolist(), widths)],
+                    widths,
+                )
             return _SpecView(
                 self.req_to_token_pool.req_to_token,
                 forward_batch.req_pool_indices.tolist(),

@@ -4,13 +4,18 @@ Spec strings (CLI ``--contenders``, comma-separated lists become ``;``-separated
 knobs are given)::
 
     static:K                  every request drafts K (K = 0: no speculation)
-    dsde                      the paper's policy with its defaults (min_steps 2)
-    dsde+cut                  the same with the per-request cut on
+    dsde                      the paper's policy with its defaults (min_steps 2), each
+                              request verifying its own SL (a ragged verify)
+    dsde-padded               the same, every request verifying the batch's full window
+    dsde+cut                  padded, each request's accept cut at its own SL
     sglang_adaptive           SGLang's in-tree rule (min_steps 0: its tiers unclamped)
-    adaedl                    the draft-entropy baseline
-    goodput                   the cost-aware policy (min_steps 0: it may stop drafting)
+    adaedl, adaedl-padded     the draft-entropy baseline, ragged / padded
+    goodput, goodput-padded   the cost-aware policy (it may stop drafting), choosing every
+                              request's length / one length for the batch
     NAME:knob=value,...       any policy of the core registry with DSDEConfig knobs
     hindsight-greedy          the myopic hindsight schedule (needs the cost model)
+    hindsight-ragged          the same with per-request lengths (each request verifies
+                              exactly what it will accept)
 
 Every policy contender gets ``max_steps`` = the trace's (unless a knob says less) and a
 new request's SL = ``config.initial_steps_for`` unless the knobs set ``initial_steps``.
@@ -19,7 +24,7 @@ controller per simulation; ``Contender.server_kwargs`` says how the engine runs 
 (``static:0``: no speculation; ``static:k``: SGLang's STANDALONE with k steps; a policy:
 ``--speculative-algorithm DSDE`` with its knobs as ``--dsde-*`` flags).
 ``POLICY_CONTENDERS`` is the list the simulator and the engine bench both compare
-(after ``static:0 .. static:K``; the simulator adds ``hindsight-greedy``).
+(after ``static:0 .. static:K``; the simulator adds the ``HINDSIGHT`` schedules).
 """
 
 from __future__ import annotations
@@ -32,23 +37,31 @@ from ..core.policies import POLICIES
 from .controllers import Controller, HindsightGreedyController, PolicyController
 from .cost import RoundCost
 
-#: The policy contenders every comparison runs, simulated and on the engine.
-POLICY_CONTENDERS = ("sglang_adaptive", "dsde", "dsde+cut", "goodput", "adaedl")
+#: The policy contenders every comparison runs, simulated and on the engine: each
+#: per-request policy with a ragged and a padded verify.
+POLICY_CONTENDERS = ("sglang_adaptive", "dsde", "dsde-padded", "dsde+cut", "goodput",
+                     "goodput-padded", "adaedl", "adaedl-padded")
+#: The hindsight schedules the simulator adds.
+HINDSIGHT = {"hindsight-greedy": False, "hindsight-ragged": True}
 
+_PADDED = {"ragged_verify": False}
 #: Knob presets of the named contenders (applied before the spec's own knobs).
 NAMED = {
     "dsde": ("dsde", {}),
-    "dsde+cut": ("dsde", {"per_request_cut": True}),
+    "dsde-padded": ("dsde", _PADDED),
+    "dsde+cut": ("dsde", {"per_request_cut": True, **_PADDED}),
     "sglang_adaptive": ("sglang_adaptive", {"min_steps": 0}),
     "adaedl": ("adaedl", {}),
+    "adaedl-padded": ("adaedl", _PADDED),
     "goodput": ("goodput", {}),
+    "goodput-padded": ("goodput", _PADDED),
 }
 
 
 @dataclass(frozen=True)
 class Contender:
     label: str
-    kind: str                     # "policy" or "hindsight-greedy"
+    kind: str                     # "policy" or "hindsight"
     policy: str = ""
     knobs: Dict[str, object] = field(default_factory=dict)
 
@@ -91,8 +104,8 @@ class Contender:
 def parse_contender(spec: str) -> Contender:
     """A ``Contender`` from one spec string (module docstring)."""
     spec = spec.strip()
-    if spec == HindsightGreedyController.name:
-        return Contender(spec, "hindsight-greedy")
+    if spec in HINDSIGHT:
+        return Contender(spec, "hindsight")
     head, _, rest = spec.partition(":")
     if head == "static":
         return Contender(spec, "policy", "static",
@@ -144,6 +157,6 @@ def contender_config(c: Contender, max_steps: int) -> DSDEConfig:
 def build_controller(c: Contender, *, max_steps: int, max_slots: int,
                      cost: RoundCost) -> Controller:
     """A fresh controller for one simulation run."""
-    if c.kind == "hindsight-greedy":
-        return HindsightGreedyController(cost, max_steps)
+    if c.kind == "hindsight":
+        return HindsightGreedyController(cost, max_steps, ragged=HINDSIGHT[c.label])
     return PolicyController(contender_config(c, max_steps), max_slots=max_slots, name=c.label)

@@ -6,10 +6,14 @@ Contract (``Controller``), called by ``simulator.simulate`` once per round:
 * ``plan(batch) -> (req_drafted [bs] int, batch_steps int)``: ``batch`` lists the running
   requests (``ActiveRequest``: slot, trace, position); the batch drafts ``batch_steps``
   steps (0: a plain decode step) and request i is verified on ``req_drafted[i]`` draft
-  tokens (``batch_steps`` for all, or its own SL when the per-request cut is on);
+  tokens (``batch_steps`` for all, or its own SL with a ragged verify or the per-request
+  cut); ``ragged`` says whether the target verifies only those (a ragged verify: the
+  round is charged for ``sum(req_drafted)`` verified drafts) or every request's full
+  window (padded, the cut included: ``bs * batch_steps``);
 * ``observe(batch, req_drafted, req_accepted)``: after verification, before positions
   advance (so the KL rows are those of the round's positions);
-* ``observe_cost(bs, batch_steps, cost)``: the round's cost (what the engine would time);
+* ``observe_cost(bs, batch_steps, cost, verified)``: the round's cost (what the engine
+  would time) and the drafted tokens verified;
 * ``release(slots)``: the requests in ``slots`` finished.
 
 ``PolicyController`` steps any policy of ``sglang_dsde.core`` through the core's
@@ -51,6 +55,7 @@ class ActiveRequest:
 
 class Controller:
     name = "controller"
+    ragged = False
 
     def admit(self, slot: int) -> None:
         pass
@@ -62,7 +67,8 @@ class Controller:
                 req_accepted: np.ndarray) -> None:
         pass
 
-    def observe_cost(self, batch_size: int, batch_steps: int, cost: float) -> None:
+    def observe_cost(self, batch_size: int, batch_steps: int, cost: float,
+                     verified: Optional[int] = None) -> None:
         """The round just simulated cost ``cost`` (the engine's measured round time)."""
 
     def release(self, slots: Sequence[int]) -> None:
@@ -81,6 +87,7 @@ class PolicyController(Controller):
         self.driver = PolicyDriver.build(cfg, max_slots=max_slots, device="cpu",
                                          static_steps=initial_steps, **policy_kwargs)
         self.policy = self.driver.policy
+        self.ragged = bool(cfg.ragged_verify)
         self.per_request_cut = bool(cfg.per_request_cut)
         #: Per round, the decision in the replay's output format
         #: (``{"round", "cap", "steps": {request id: next SL}}``).
@@ -99,9 +106,9 @@ class PolicyController(Controller):
             first_entropy = torch.tensor([float(r.trace.draft_entropy[r.pos][0])
                                           for r in batch], dtype=torch.float64)
         batch_steps = int(self.driver.plan(slots, first_entropy))
-        if self.per_request_cut:  # each request's own SL, within what the batch drafts
-            req_steps = self.driver.req_steps(slots).numpy().astype(np.int64)
-            return np.minimum(req_steps, batch_steps), batch_steps
+        if self.ragged or self.per_request_cut:  # own SLs, within what the batch drafts
+            req_steps = self.driver.req_steps(slots).clamp_max(batch_steps)
+            return req_steps.numpy().astype(np.int64), batch_steps
         return np.full(len(batch), batch_steps, dtype=np.int64), batch_steps
 
     def observe(self, batch, req_drafted, req_accepted):
@@ -123,8 +130,8 @@ class PolicyController(Controller):
                                "steps": {r.trace.id: int(s) for r, s in
                                          zip(batch, decision.req_steps.tolist())}})
 
-    def observe_cost(self, batch_size, batch_steps, cost):
-        self.driver.observe_cost(round_sample(batch_size, batch_steps, cost))
+    def observe_cost(self, batch_size, batch_steps, cost, verified=None):
+        self.driver.observe_cost(round_sample(batch_size, batch_steps, cost, verified))
 
     def release(self, slots):
         self.driver.release(torch.tensor(list(slots), dtype=torch.int64))
@@ -138,20 +145,28 @@ def round_gain(batch: Sequence[ActiveRequest], batch_steps: int) -> int:
 
 class HindsightGreedyController(Controller):
     """Each round: the batch step count in ``0..max_steps`` with the most tokens per unit
-    of round cost, knowing every request's acceptance at its position (ties: fewer)."""
+    of round cost, knowing every request's acceptance at its position (ties: fewer).
+    ``ragged``: every request verifies exactly what it will accept (``min(accept, K)``),
+    the per-request hindsight schedule of a ragged verify."""
 
     name = "hindsight-greedy"
 
-    def __init__(self, cost: RoundCost, max_steps: int):
+    def __init__(self, cost: RoundCost, max_steps: int, *, ragged: bool = False):
         self.cost = cost
         self.max_steps = int(max_steps)
+        self.ragged = bool(ragged)
+        if ragged:
+            self.name = "hindsight-ragged"
 
     def plan(self, batch):
         bs = len(batch)
+        accept = np.array([min(int(r.trace.accept[r.pos]), r.remaining - 1) for r in batch])
         best_k, best_rate = 0, -1.0
         for k in range(self.max_steps + 1):
-            rate = round_gain(batch, k) / self.cost.round(bs, k)
+            verified = int(np.minimum(accept, k).sum()) if self.ragged else bs * k
+            rate = round_gain(batch, k) / self.cost.round(bs, k, verified)
             if rate > best_rate * (1 + 1e-12):
                 best_k, best_rate = k, rate
+        if self.ragged:
+            return np.minimum(accept, best_k).astype(np.int64), best_k
         return np.full(bs, best_k, dtype=np.int64), best_k
-

@@ -73,28 +73,34 @@ def cost_from_spec(spec: str, *, context: float = 1024.0) -> RoundCost:
                      f"{', '.join(BATCH1_PRESETS)} or {', '.join(GPU_PRESETS)}")
 
 
-def fit_linear_cost(samples: Iterable[Tuple[int, int, float]],
-                    prefill_samples: Iterable[Tuple[int, float]] = (), *,
-                    name: str = "fitted", unit: str = "s", source: str = "") -> LinearRoundCost:
-    """Fit ``LinearRoundCost`` to ``(batch_size, batch_steps, time)`` round samples (and
-    optional ``(num_tokens, time)`` prefill samples) by non-negative least squares.
+def fit_linear_cost(samples: Iterable[Tuple], prefill_samples: Iterable[Tuple[int, float]] = (),
+                    *, name: str = "fitted", unit: str = "s", source: str = "") -> LinearRoundCost:
+    """Fit ``LinearRoundCost`` to round samples ``(batch_size, batch_steps, time)`` or
+    ``(batch_size, batch_steps, time, verified)`` (and optional ``(num_tokens, time)``
+    prefill samples) by non-negative least squares.
 
     Samples should vary both batch size and steps, including ``batch_steps = 0``, or some
     coefficients are not identifiable (an unidentifiable one comes out 0 or absorbs its
-    collinear partner). The relative RMS residual is kept in ``extra["rel_rms"]``.
+    collinear partner). The basis has one redundant direction (``bs = [k > 0] bs +
+    [k = 0] bs``: ``v1``, ``e1`` and ``n1`` are known only through ``v1 + e1`` and ``v1 +
+    n1``): the fit pins ``e1`` or ``n1`` at 0, whichever fits better (``n1`` on a tie).
+    Without a sample whose ``verified`` differs from ``bs * k``, ``d1`` and ``dv`` cannot
+    be told apart either: ``dv`` is pinned at 0 (a ragged verify saves nothing in that
+    model: the conservative reading). The relative RMS residual is in ``extra["rel_rms"]``.
     """
-    data = np.array([(b, k, s) for b, k, s in samples], dtype=np.float64).reshape(-1, 3)
+    rows = [tuple(x) + (None,) * (4 - len(x)) for x in samples]
+    data = np.array([(b, k, t, b * k if v is None else v) for b, k, t, v in rows],
+                    dtype=np.float64).reshape(-1, 4)
     if data.shape[0] == 0:
         raise ValueError("fit_linear_cost: no samples")
     if np.any(data[:, 0] < 1) or np.any(data[:, 1] < 0) or np.any(data[:, 2] < 0):
         raise ValueError("fit_linear_cost: samples need batch_size >= 1, steps >= 0, time >= 0")
-    features = round_features(data[:, 0], data[:, 1])
-    # The basis has one redundant direction (bs = [k > 0] bs + [k = 0] bs: v1, e1 and n1
-    # are known only through v1 + e1 and v1 + n1); the canonical fit pins e1 or n1 at 0,
-    # whichever fits better (n1 on a tie).
+    features = round_features(data[:, 0], data[:, 1], data[:, 3])
+    padded_only = bool(np.all(data[:, 3] == data[:, 0] * data[:, 1]))
     fits = []
-    for pinned in (ROUND_COEFS.index("n1"), ROUND_COEFS.index("e1")):
-        keep = [i for i in range(len(ROUND_COEFS)) if i != pinned]
+    for pinned in ("n1", "e1"):
+        pins = {pinned, "dv"} if padded_only else {pinned}
+        keep = [i for i, c in enumerate(ROUND_COEFS) if c not in pins]
         coefs = np.zeros(len(ROUND_COEFS))
         coefs[keep] = nnls(features[:, keep], data[:, 2])
         fits.append((float(np.sum((features @ coefs - data[:, 2]) ** 2)), coefs))
@@ -109,8 +115,6 @@ def fit_linear_cost(samples: Iterable[Tuple[int, int, float]],
     return LinearRoundCost(**values, p0=float(p0), p1=float(p1), name=name, unit=unit,
                            source=source, extra={"rel_rms": rel_rms,
                                                  "num_samples": int(data.shape[0])})
-
-
 
 
 def nnls(a, b) -> np.ndarray:

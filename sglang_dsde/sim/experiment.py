@@ -31,7 +31,10 @@ def run_cell(requests: Sequence[RequestTrace], contenders: Sequence[Contender],
         if progress:
             progress(c.label)
     if with_oracle:
-        bound = oracle_bound(requests, cost, concurrency=concurrency, max_steps=max_steps)
+        ragged = any(getattr(build_controller(c, max_steps=max_steps, max_slots=1, cost=cost),
+                             "ragged", False) for c in contenders)
+        bound = oracle_bound(requests, cost, concurrency=concurrency, max_steps=max_steps,
+                             ragged=ragged)
         rows.append(oracle_row(bound, requests, **cell))
     add_ratios(rows, cell_keys=tuple(k for k in cell if k != "unit"))
     return rows, results

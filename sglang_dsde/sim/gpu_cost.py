@@ -12,8 +12,9 @@ overheads stated as assumptions (docs/simulator.md discusses them)::
     (an untied embedding table is only gathered, never streamed whole)
     tp_sync = 2 * layers * allreduce_s   (tp > 1: two all-reduces per layer)
 
-    round(bs, k) = k * forward(draft, bs) + forward(target, bs * (k + 1))
-                   + [k > 0] * forward(draft, bs * (k + 1))     # draft extend
+    round(bs, k, T) = k * forward(draft, bs) + forward(target, bs + T)
+                      + [k > 0] * forward(draft, bs * (k + 1))  # draft extend
+    (T: drafted tokens the target verifies; bs * k when every request verifies k)
     prefill(n)   = forward(target, n) + forward(draft, n)       (context 0: attention
                                                                  of a prefill ignored)
 
@@ -44,6 +45,7 @@ The grid of resulting round costs is tabulated in docs/simulator.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..core.round_cost import CostModel
 
@@ -123,9 +125,11 @@ class RooflineRoundCost(CostModel):
     def _fwd(self, model: ModelSpec, num_tokens: int, batch_size: int, context: float) -> float:
         return forward_seconds(self.gpu, model, num_tokens, batch_size, context, self.tp)
 
-    def round(self, batch_size: int, batch_steps: int) -> float:
+    def round(self, batch_size: int, batch_steps: int,
+              verified: Optional[int] = None) -> float:
         bs, k, ctx = batch_size, batch_steps, self.context
-        cost = self._fwd(self.target, bs * (k + 1), bs, ctx)
+        verified = bs * k if verified is None else verified
+        cost = self._fwd(self.target, bs + verified, bs, ctx)
         if k > 0:
             cost += k * self._fwd(self.draft, bs, bs, ctx)
             cost += self._fwd(self.draft, bs * (k + 1), bs, ctx)

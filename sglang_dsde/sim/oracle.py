@@ -25,6 +25,13 @@ At C = 1, ``share = cost(1, .)``, the bound is achieved by the per-request DP sc
 it IS the oracle, and latencies follow (``OracleResult.latencies``). At C > 1 the bound
 ignores that a batch drafts its maximum SL (the straggler effect) and that the batch is
 not always full; it is optimistic, so "fraction of oracle" is conservative there.
+
+Ragged schedules (each request verifies its own ``e_i``; the round costs
+``cost(bs, K, sum e_i)``): a linear model splits that sum exactly into the same shares,
+so the bound stands. A non-linear one (the roofline) need not, so with ``ragged`` the
+share is ``min over b of cost(b, k, verified=k) / b`` (the request's own drafts verified,
+nobody else's): ``cost(bs, K, T) >= cost(bs, e_i, e_i)`` for every i, since the cost grows
+with the step count and with the verified tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.round_cost import LinearRoundCost
 from .cost import RoundCost
 from ..trace import RequestTrace
 
@@ -60,9 +68,13 @@ def request_dp(accept: np.ndarray, step_costs: Sequence[float], start: int = 1
     return (float(value[start]) if start < n else 0.0), plan
 
 
-def share_costs(cost: RoundCost, concurrency: int, max_steps: int) -> np.ndarray:
-    """``[max_steps + 1]``: ``min over b in 1..C of cost(b, k) / b``; checks monotonicity."""
-    table = np.array([[cost.round(b, k) for k in range(max_steps + 1)]
+def share_costs(cost: RoundCost, concurrency: int, max_steps: int,
+                ragged: bool = False) -> np.ndarray:
+    """``[max_steps + 1]``: ``min over b in 1..C of cost(b, k) / b`` (module docstring for
+    ``ragged``); checks monotonicity."""
+    own = ragged and not isinstance(cost, LinearRoundCost)
+    table = np.array([[cost.round(b, k, k) if own else cost.round(b, k)
+                       for k in range(max_steps + 1)]
                       for b in range(1, concurrency + 1)])
     if np.any(np.diff(table, axis=1) < -1e-12 * np.abs(table[:, 1:])):
         raise ValueError(f"cost model {getattr(cost, 'name', cost)} is not non-decreasing in "
@@ -92,9 +104,10 @@ class OracleResult:
 
 
 def oracle_bound(requests: Sequence[RequestTrace], cost: RoundCost, *, concurrency: int,
-                 max_steps: int) -> OracleResult:
-    """The oracle (module docstring) over ``requests`` with SLs in ``0..max_steps``."""
-    shares = share_costs(cost, concurrency, max_steps)
+                 max_steps: int, ragged: bool = False) -> OracleResult:
+    """The oracle (module docstring) over ``requests`` with SLs in ``0..max_steps``; with
+    ``ragged`` it also bounds schedules that verify each request on its own SL."""
+    shares = share_costs(cost, concurrency, max_steps, ragged)
     times, plans, prefills = [], [], []
     for req in requests:
         t, plan = request_dp(req.accept, shares)

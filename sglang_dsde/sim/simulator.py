@@ -9,7 +9,9 @@
 * Rounds: the running requests form the batch (``bs`` of them). The controller plans
   ``batch_steps`` and ``req_drafted``; request i accepts ``a_i = min(accept[pos_i],
   req_drafted[i])`` and advances ``min(a_i + 1, remaining_i)`` tokens (accepted drafts +
-  the bonus token; a request stops at its recorded length). ``batch_steps = 0`` is a
+  the bonus token; a request stops at its recorded length). The round is charged for
+  ``sum(req_drafted)`` verified drafts when the controller verifies ragged, else for
+  every request's full window (``bs * batch_steps``). ``batch_steps = 0`` is a
   plain decode step: every request advances one token. The controller observes
   ``(req_drafted, a)`` and the KL rows at the round's positions. The round costs
   ``cost.round(bs, batch_steps)``, which the controller observes too (the engine times
@@ -126,8 +128,10 @@ def simulate(requests: Sequence[RequestTrace], controller: Controller, cost: Rou
         req_accepted = np.minimum(accept_here, req_drafted)
         controller.observe(active, req_drafted, req_accepted)
         log_start.append(clock)
-        round_cost = cost.round(len(active), batch_steps)
-        controller.observe_cost(len(active), batch_steps, round_cost)
+        verified = (int(req_drafted.sum()) if controller.ragged
+                    else len(active) * batch_steps)
+        round_cost = cost.round(len(active), batch_steps, verified)
+        controller.observe_cost(len(active), batch_steps, round_cost, verified)
         clock += round_cost
         log_bs.append(len(active))
         log_steps_arr.append(batch_steps)

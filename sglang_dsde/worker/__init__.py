@@ -5,7 +5,9 @@
   DSDE``) and ``worker_factory``, which imports the worker class lazily (its base class
   imports SGLang's model stack);
 * ``v2``: ``DSDEWorkerV2``, STANDALONE's V2 worker plus DSDE's signal, policy and step
-  switching (``sglang_dsde.runtime`` does the maths).
+  switching (``sglang_dsde.runtime`` does the maths);
+* ``ragged``: the ragged verify (each request verifies its own length) through SGLang's
+  ``RaggedVerifyLayout``.
 
 ``HOOKED_SYMBOLS`` lists every SGLang object this package subclasses, overrides, calls or
 wraps at run time; ``tests/integration/test_patch_symbols.py`` resolves each against the
@@ -45,6 +47,11 @@ HOOKED_SYMBOLS = (
     "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker.draft_forward",
     "sglang.srt.speculative.eagle_draft_extend_cuda_graph_runner."
     "EAGLEDraftExtendCudaGraphRunner.execute",
+    # ragged: the packed target verify through SGLang's layout
+    "sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation",
+    "sglang.srt.speculative.ragged_verify.RaggedVerifyLayout",
+    "sglang.srt.speculative.spec_info.SpecInput.ragged_verify_layout",
+    "sglang.srt.managers.schedule_batch.ScheduleBatch.has_grammar",
 )
 
 __all__ = ["DSDESpecAlgo", "HOOKED_SYMBOLS", "SGLANG_VERSION_READ", "worker_factory"]

@@ -39,6 +39,9 @@ from sglang_dsde import args, states
 from sglang_dsde.config import state_steps_for
 from sglang_dsde.runtime import DSDERuntime
 
+from . import ragged
+from .ragged import RaggedVerify
+
 logger = logging.getLogger(__name__)
 #: The SGLang logger that announces each runtime-state switch (one INFO line each).
 _SWITCH_LOGGER = "sglang.srt.speculative.eagle_worker_v2"
@@ -142,6 +145,16 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         self.dsde_initial_steps = self.speculative_num_steps
         cfg = self.dsde_config
         self._init_step_states()
+        #: The ragged verify (each request verifies its own length), where supported.
+        self._ragged: Optional[RaggedVerify] = None
+        self._warned_grammar = False
+        if cfg.ragged_verify:
+            why_not = ragged.supported(str(self.device))
+            if why_not is None:
+                self._ragged = RaggedVerify()
+            else:
+                logger.info("DSDE: ragged verify off, every request verifies the batch's "
+                            "full window: %s", why_not)
         self.dsde: Optional[DSDERuntime] = None
         self._extend_output = None
         self._warned_skipped = False
@@ -238,6 +251,8 @@ class DSDEWorkerV2(StandaloneWorkerV2):
 
         pool.free_rows = free_rows_and_forget
         self._wrap_draft_runner()
+        if self._ragged is not None:
+            self._ragged.install(self._target_worker)
         from sglang_dsde.patches import decode_log
 
         decode_log.attach(runtime.host_counters)
@@ -285,8 +300,10 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         if is_decode and not batch.forward_mode.is_idle():
             steps = self.dsde.next_batch_steps(slots)
             self._schedule.planned_steps = steps
+            verified = self._plan_ragged(batch, slots, steps)
             # Round timing for the cost-aware policy: start to start of decode rounds.
-            self.dsde.on_decode_round_start(int(slots.shape[0]), steps, time.perf_counter())
+            self.dsde.on_decode_round_start(int(slots.shape[0]), steps, time.perf_counter(),
+                                            verified)
             self.dsde.begin_round(slots, steps)
             self._warn_skipped_once()
             if self._metrics is not None:
@@ -302,13 +319,42 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         self._extend_output = None
         return result
 
+    def _plan_ragged(self, batch, slots, steps: int) -> Optional[int]:
+        """Per-request verify lengths for this round (a ragged verify) when some request
+        wants fewer than the batch's ``steps``; returns the drafted tokens it verifies."""
+        if self._ragged is None or steps == 0:
+            return None
+        if batch.has_grammar:
+            if not self._warned_grammar:
+                self._warned_grammar = True
+                logger.info("DSDE: grammar-constrained batches verify the full window "
+                            "(SGLang's grammar tree is uniform); logged once")
+            return None
+        # A host read of the lengths: the packed verify's shapes need them (CPU only).
+        lengths = self.dsde.driver.req_steps(slots).clamp(0, steps).tolist()
+        if min(lengths) >= steps:
+            return None
+        self._ragged.plan(lengths, steps)
+        return sum(self._ragged.lengths)
+
     def verify(self, batch, pp_proxy_tensors=None, grammar_barrier=None):
         live = not batch.forward_mode.is_idle() and batch.req_pool_indices.shape[0] > 0
-        if live and self.dsde_config.per_request_cut:
+        lengths = None
+        if live and self._ragged is not None and self._ragged.lengths is not None:
+            lengths = torch.tensor(self._ragged.lengths, dtype=torch.int64,
+                                   device=batch.req_pool_indices.device)
+            self.dsde.cut_chains(batch.req_pool_indices, batch.spec_info.retrieve_next_token,
+                                 lengths)
+        elif live and self.dsde_config.per_request_cut:
             self.dsde.cut_chains(batch.req_pool_indices,
                                  batch.spec_info.retrieve_next_token)
-        result = super().verify(batch, pp_proxy_tensors=pp_proxy_tensors,
-                                grammar_barrier=grammar_barrier)
+        try:
+            result = super().verify(batch, pp_proxy_tensors=pp_proxy_tensors,
+                                    grammar_barrier=grammar_barrier)
+            verified_tokens = None if lengths is None else self._ragged.verified_tokens
+        finally:
+            if self._ragged is not None:
+                self._ragged.clear()
         if not live:
             return result
         info = batch.sampling_info
@@ -317,7 +363,8 @@ class DSDEWorkerV2(StandaloneWorkerV2):
                                   info.temperatures.reshape(-1).float())
         result.cap_lens = self.dsde.on_verify(
             batch.req_pool_indices, self.speculative_num_steps,
-            result.logits_output.next_token_logits, result.accept_lens, temperature)
+            result.logits_output.next_token_logits, result.accept_lens, temperature,
+            verified_tokens=verified_tokens, num_drafted=lengths)
         # Per-round values SGLang appends to each request's meta_info (customized_info).
         result.logits_output.customized_info = {
             "dsde_kl": _HostValues(self.dsde.last_req_mean_kl),

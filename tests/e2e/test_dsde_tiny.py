@@ -90,6 +90,29 @@ def test_step_count_and_per_request_lengths_adapt(dsde):
     assert state["policy"] == "dsde" and state["rounds"] > 0
 
 
+def test_ragged_verify_verifies_each_requests_own_length(plain, dsde):
+    """The default ragged verify on the CPU engine: mixed requests at once, greedy output
+    equal to the plain server's, and fewer target tokens verified than the batch's full
+    windows (the mean verify width per request below the batch's K + 1)."""
+    rng = random.Random(1)
+    hard = ["".join(rng.choice("qzxjkvbw{}#@!") for _ in range(30)) for _ in range(3)]
+    prompts = PROMPTS[:5] + hard
+    lengths = [8, 40, 16, 32, 24, 12, 28, 20]  # mixed output lengths
+    before = _dsde_state(dsde)
+
+    def run(server):
+        with cf.ThreadPoolExecutor(len(prompts)) as pool:
+            return list(pool.map(lambda a: server.generate(a[0], max_new_tokens=a[1])[
+                "output_ids"], zip(prompts, lengths)))
+
+    assert run(dsde) == run(plain)
+    after = _dsde_state(dsde)
+    verified = after["verified_tokens"] - before["verified_tokens"]
+    window = after["window_tokens"] - before["window_tokens"]
+    rounds = after["request_rounds"] - before["request_rounds"]
+    assert rounds > 0 and verified < window, (verified, window, rounds)
+
+
 def test_prometheus_series(dsde):
     import requests
 

@@ -40,7 +40,8 @@ def test_parse_args_rejects_bad_values():
 def test_contenders():
     cs = {c.name: c for c in compare.contenders_for([1, 2])}
     assert list(cs) == ["static:0", "static:1", "static:2", "sglang_adaptive", "dsde",
-                        "dsde+cut", "goodput", "adaedl"]
+                        "dsde-padded", "dsde+cut", "goodput", "goodput-padded", "adaedl",
+                        "adaedl-padded"]
     goodput = compare.server_kwargs(cs["goodput"], "D", 4)
     assert goodput["algorithm"] == "DSDE" and goodput["num_steps"] == 4
     assert goodput["extra_args"][:4] == ["--dsde-max-steps", "4", "--dsde-policy", "goodput"]
@@ -48,6 +49,8 @@ def test_contenders():
     assert cs["static:2"].server_kwargs("D", max_steps=4) == {
         "algorithm": "STANDALONE", "draft_model_path": "D", "num_steps": 2, "extra_args": []}
     assert "--dsde-per-request-cut" in compare.server_kwargs(cs["dsde+cut"], "D", 4)["extra_args"]
+    assert "--no-dsde-ragged-verify" in compare.server_kwargs(cs["goodput-padded"], "D",
+                                                              4)["extra_args"]
     assert cs["sglang_adaptive"].server_kwargs("D", max_steps=4)["extra_args"][3] == \
         "sglang_adaptive"
     extra = compare.server_kwargs(cs["dsde"], "D", 4)["extra_args"]

@@ -83,7 +83,7 @@ def test_request_estimates_are_decayed_sums_aged_in_output_tokens():
 @pytest.mark.parametrize("state_steps", [None, [0, 1, 2, 3, 4, 5, 6]])
 def test_decision_is_the_argmax_of_expected_tokens_per_cost(state_steps):
     """Among the runnable step counts (the runtime states), past the switch margin."""
-    pol = goodput(goodput_probe_every=0, state_steps=state_steps)
+    pol = goodput(goodput_probe_every=0, ragged_verify=False, state_steps=state_steps)
     gen = torch.Generator().manual_seed(1)
     slots = torch.tensor([0, 2, 5])
     for _ in range(20):
@@ -102,6 +102,70 @@ def test_decision_is_the_argmax_of_expected_tokens_per_cost(state_steps):
     best, held = max(choices, key=rate.get), choices[int(pol.held)]
     assert steps == (best if rate[best] > rate[held] * (1 + SWITCH_MARGIN) else held)
     assert steps in choices
+
+
+def _trained(seed, **knobs):
+    pol = goodput(goodput_probe_every=0, **knobs)
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.tensor([0, 2, 5])
+    for _ in range(20):
+        pol.update(slots, torch.tensor([6, 3, 5]), torch.randint(0, 4, (3,), generator=gen),
+                   req_kl=torch.rand(3, 6, generator=gen, dtype=torch.float64))
+        pol.observe_round(round_sample(3, 5, 0.05, int(torch.randint(3, 16, (1,), generator=gen))))
+    pol.observe_first_entropy(slots, torch.tensor([0.2, 1.2, 3.5], dtype=torch.float64))
+    return pol, slots
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_ragged_decision_is_the_best_of_every_per_request_allocation(seed):
+    """With a ragged verify the policy picks the batch's step count and every request's
+    length together: the most expected tokens per unit of learned cost over all length
+    vectors (brute force over (K + 1)^bs of them), every step count a runtime state here;
+    the held step count stays unless the best beats it by the switch margin."""
+    import itertools
+
+    pol, slots = _trained(seed, state_steps=list(range(7)))
+    lengths_seen = []
+    for per_token in (0.0, 0.004, 0.02):  # a verify that costs more favours shorter lengths
+        coefs = pol.round_cost.coefs.clone()
+        coefs[2] = per_token                     # dv
+        pol.round_cost.coefs = coefs
+        steps = int(pol.batch_steps_for(slots))
+        lengths = pol.steps_for(slots).tolist()
+        surv = pol.survival(slots).numpy()
+        base = pol.round_cost.predict(3, 6, unverified=True).numpy()
+
+        def rate(ls):
+            return (3 + sum(surv[i, :l].sum() for i, l in enumerate(ls))) / (
+                base[max(ls)] + per_token * sum(ls))
+
+        vectors = list(itertools.product(range(7), repeat=3))
+        best = max(vectors, key=rate)
+        held = int(pol.held)
+        best_held = max((v for v in vectors if max(v) <= held), key=rate)
+        want = best if rate(best) > rate(best_held) * (1 + SWITCH_MARGIN) else best_held
+        assert steps == max(lengths)
+        assert rate(lengths) == pytest.approx(rate(want), rel=1e-9), (lengths, want)
+        lengths_seen.append(sum(lengths))
+    assert lengths_seen[0] >= lengths_seen[1] >= lengths_seen[2]
+
+
+def test_online_cost_tells_drafting_from_verifying_after_ragged_rounds():
+    """Padded rounds cannot separate a drafted token's own cost from its verify
+    (T = bs * k); rounds that verify fewer than all of them can."""
+    from sglang_dsde.core.round_cost import OnlineRoundCost
+
+    world = LinearRoundCost(d0=0.01, d1=0.001, dv=0.006, v0=0.04, v1=0.003)
+    model = OnlineRoundCost("cpu")
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        bs, k = int(rng.integers(1, 9)), int(rng.integers(0, 7))
+        verified = int(rng.integers(0, bs * k + 1))
+        model.observe(round_sample(bs, k, world.round(bs, k, verified), verified))
+    assert float(model.per_verified_token) == pytest.approx(0.006, rel=0.05)
+    base = model.predict(8, 6, unverified=True)
+    want = torch.tensor([world.round(8, k, 0) for k in range(7)], dtype=torch.float64)
+    assert torch.allclose(base, want, rtol=0.03)
 
 
 def run_closed_loop(pol, accept_fn, cost, rounds=400, bs=4, entropy_fn=None):
@@ -211,3 +275,40 @@ def test_simulated_goodput_stops_drafting_where_no_length_pays():
     no_spec = throughput("static:0")
     assert throughput("goodput") > 0.93 * no_spec
     assert throughput("dsde") < 0.85 * no_spec
+
+
+@pytest.mark.parametrize("spec", ["goodput", "goodput-padded"])
+def test_acceptance_estimates_stay_unbiased_when_verifies_are_ragged(spec):
+    """A ragged verify observes each request only as deep as its own length (a request
+    judged poor is cut short), so its signal is censored by the policy's own choices. On a
+    synthetic trace whose requests accept i.i.d. with known rates (0.85 and 0.35), each
+    request's observed acceptance, and so its estimate, stays near its true rate. (The
+    trace carries no first-draft entropy: an entropy that foretells the first draft's fate
+    selects which rounds get observed, docs/goodput.md "Ragged verify".)"""
+    from sglang_dsde.sim import PolicyController
+    from sglang_dsde.sim.contenders import contender_config
+    from sglang_dsde.trace import synthetic_request
+
+    rng = np.random.default_rng(7)
+    rates = {f"r{i}": (0.85 if i % 2 else 0.35) for i in range(8)}
+    reqs = [synthetic_request(rid, rng.random(400) < p, 6) for rid, p in rates.items()]
+    for req in reqs:
+        req.draft_entropy = None
+    seen = {}
+
+    class Recording(PolicyController):
+        def observe(self, batch, req_drafted, req_accepted):
+            super().observe(batch, req_drafted, req_accepted)
+            slots = self._slots(batch)
+            pol = self.policy
+            for r, obs, w in zip(batch, pol.obs_sum[slots].tolist(),
+                                 pol.obs_weight[slots].tolist()):
+                if w > 3:  # enough decayed weight to read a rate from
+                    seen.setdefault(r.trace.id, []).append(obs / w)
+
+    cost = LinearRoundCost.from_parts(draft_step=(0.08, 0.0), verify=(1.0, 0.06))
+    controller = Recording(contender_config(parse_contender(spec), 6), max_slots=4)
+    simulate(reqs, controller, cost, concurrency=4)
+    for p in (0.85, 0.35):
+        estimates = [np.mean(seen[rid]) for rid, q in rates.items() if q == p and rid in seen]
+        assert estimates and abs(np.mean(estimates) - p) < 0.06, (p, estimates)

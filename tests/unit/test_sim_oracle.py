@@ -52,7 +52,8 @@ def test_dp_equals_exhaustive_search_and_its_plan_replays(seed):
 def test_oracle_bounds_every_static_sl_every_policy_and_hindsight(cost, concurrency):
     trace = synthetic_trace(4, 80, 6, 0.65, seed=concurrency)
     contenders = static_contenders(6) + [parse_contender(s) for s in (
-        "dsde", "dsde+cut", "sglang_adaptive", "adaedl", "hindsight-greedy")]
+        "dsde", "dsde-padded", "dsde+cut", "sglang_adaptive", "adaedl", "goodput",
+        "goodput-padded", "hindsight-greedy", "hindsight-ragged")]
     rows, _ = run_cell(trace.requests, contenders, cost, concurrency=concurrency,
                        max_steps=6, cell={"trace": "syn", "cost": cost.name})
     oracle = next(r for r in rows if r["contender"] == "oracle")

@@ -133,27 +133,77 @@ class GoodputPolicy(KLHistoryPolicy):
         excess = (self.stability[slots] - 1.0).clamp(0.0, MAX_WVIR)
         return p.clamp(0.0, 1.0) ** (1.0 + cfg.goodput_stability_weight * excess)
 
+    def survival(self, slots: torch.Tensor) -> torch.Tensor:
+        """``[bs, max_steps]``: P(draft positions 0..j all accepted) per request."""
+        return self.calibration.survival(self.acceptance_rate(slots), self.first_entropy[slots],
+                                         self.cfg.max_steps, HISTORY_WEIGHT)
+
     def expected_rates(self, slots: torch.Tensor) -> torch.Tensor:
-        """``[max_steps + 1]`` float64: expected tokens per unit of cost for K = 0 .. max."""
+        """``[max_steps + 1]`` float64: expected tokens per unit of cost for K = 0 .. max,
+        every request verifying K drafts (a padded verify)."""
         cfg = self.cfg
         bs = int(slots.shape[0])
-        survival = self.calibration.survival(self.acceptance_rate(slots),
-                                             self.first_entropy[slots], cfg.max_steps,
-                                             HISTORY_WEIGHT)
         zero = torch.zeros(1, dtype=torch.float64, device=self.device)
-        tokens = bs + torch.cat([zero, survival.sum(dim=0).cumsum(dim=0)])
+        tokens = bs + torch.cat([zero, self.survival(slots).sum(dim=0).cumsum(dim=0)])
         return tokens / self.round_cost.predict(bs, cfg.max_steps).clamp_min(1e-12)
+
+    def ragged_rates(self, survival: torch.Tensor) -> tuple:
+        """Per-request lengths (a ragged verify): for each K = 0 .. max, the best expected
+        tokens per unit of cost when the batch drafts K steps and the target verifies the
+        ``m`` drafted positions (among positions < K) with the largest survival, and that
+        ``m``. Returns ``(rates [max + 1], m [max + 1])``.
+
+        A request's survival falls with depth, so the ``m`` best positions are a prefix
+        of each request's chain: the allocation DSpark's planner makes from a profiled
+        table, here from the learned cost (``cost(bs, K, m) = base(bs, K) + dv * m``).
+        """
+        bs, width = survival.shape
+        base = self.round_cost.predict(bs, width, unverified=True)          # [K + 1]
+        per_token = self.round_cost.per_verified_token.clamp_min(0.0)
+        gains = _gains_by_steps(survival)                                    # [K + 1, bs*K]
+        best_first = gains.sort(dim=1, descending=True).values.clamp_min(0.0)
+        tokens = bs + torch.cat([torch.zeros_like(best_first[:, :1]),
+                                 best_first.cumsum(dim=1)], dim=1)          # m = 0 .. bs*K
+        m = torch.arange(tokens.shape[1], device=self.device, dtype=torch.float64)
+        steps = torch.arange(width + 1, device=self.device).unsqueeze(1)
+        rates = tokens / (base.unsqueeze(1) + per_token * m).clamp_min(1e-12)
+        rates = torch.where(m.unsqueeze(0) <= bs * steps, rates, -1.0)      # m <= bs * K
+        best_rate, best_m = rates.max(dim=1)
+        return best_rate, best_m
+
+    def allocate(self, survival: torch.Tensor, steps: torch.Tensor,
+                 count: torch.Tensor) -> torch.Tensor:
+        """``[bs]`` lengths: the ``count`` positions < ``steps`` with the largest survival
+        (ties: the shallower, then the earlier request)."""
+        bs, width = survival.shape
+        depth = torch.arange(width, device=self.device).expand(bs, width)
+        gains = torch.where(depth < steps, survival, -1.0).reshape(-1)
+        order = torch.sort(gains, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=self.device)
+        chosen = (rank < count) & (gains >= 0)
+        return chosen.reshape(bs, width).sum(dim=1)
 
     def observe_first_entropy(self, slots: torch.Tensor,
                               req_first_entropy: torch.Tensor) -> None:
         self.first_entropy[self._ints(slots)] = req_first_entropy.to(self.device,
                                                                       torch.float64)
 
-    def _held_choice(self, slots: torch.Tensor) -> torch.Tensor:
+    def _estimates(self, slots: torch.Tensor) -> tuple:
+        """``(rates [max + 1], survival, counts)`` for this batch: expected tokens per
+        unit of cost for each step count (with a ragged verify, at the best number of
+        verified positions ``counts``; else ``survival`` and ``counts`` are None)."""
+        if self.cfg.ragged_verify:
+            survival = self.survival(slots)
+            rates, counts = self.ragged_rates(survival)
+            return rates, survival, counts
+        return self.expected_rates(slots), None, None
+
+    def _held_choice(self, rates: torch.Tensor) -> torch.Tensor:
         """0-dim index into ``choices``: the held step count, or the runnable one with the
-        most expected goodput for this batch where it beats the held one by more than
-        ``SWITCH_MARGIN``."""
-        rates = self.expected_rates(slots)[self.choices]
+        most expected goodput (``rates`` over step counts) where it beats the held one by
+        more than ``SWITCH_MARGIN``."""
+        rates = rates[self.choices]
         best = rates.argmax()
         held = self.held
         # (``take``: a 0-dim tensor as a Python index would read it back to the host.)
@@ -164,12 +214,13 @@ class GoodputPolicy(KLHistoryPolicy):
         slots = self._ints(slots)
         if slots.shape[0] == 0:
             return torch.zeros((), dtype=torch.int64, device=self.device)
-        return self._probed(self._held_choice(slots), int(slots.shape[0]))
+        rates, survival, counts = self._estimates(slots)
+        return self._decide(slots, self._held_choice(rates), survival, counts)
 
-    def _probed(self, choice: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """The step count to run: ``choices[choice]``, or on a probe round (the first of
-        each period) a neighbour among the choices: the one above in even periods, below
-        in odd ones, the only one there is at either end. One probe a period: two
+    def _probed(self, choice: torch.Tensor, batch_size: int) -> tuple:
+        """``(choice, probe up?)``: ``choice``, or on a probe round (the first of each
+        period) a neighbour among the choices: the one above in even periods, below in
+        odd ones, the only one there is at either end. One probe a period: two
         runtime-state switches (there and back).
 
         The period is short while the estimates for this batch size are young (2, 3, ...
@@ -181,8 +232,25 @@ class GoodputPolicy(KLHistoryPolicy):
             last = self.choices.shape[0] - 1
             up = (((num_rounds // period) % 2 == 0) | (choice == 0)) & (choice < last)
             probe = torch.where(up, choice + 1, (choice - 1).clamp_min(0))
-            choice = torch.where(num_rounds % period == 0, probe, choice)
-        return self.choices.take(choice)
+            on_probe = num_rounds % period == 0
+            return torch.where(on_probe, probe, choice), on_probe & up
+        return choice, torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def _decide(self, slots: torch.Tensor, choice: torch.Tensor, survival, counts
+                ) -> torch.Tensor:
+        """The batch's step count for ``choice`` (probes applied); with a ragged verify
+        each request's length too (stored in ``req_steps``)."""
+        choice, probe_up = self._probed(choice, int(slots.shape[0]))
+        best = self.choices.take(choice)
+        if survival is None:
+            return best
+        # Per-request lengths for the chosen step count; a probe up lengthens every
+        # request by one (the depth beyond each one's optimum is what it teaches).
+        lengths = self.allocate(survival, best, counts[best.reshape(1)])
+        lengths = torch.where(probe_up, (lengths + 1).clamp_max(best), lengths)
+        self.req_steps[slots] = lengths
+        # The batch drafts the smallest state that holds every length (at most ``best``).
+        return self.choices.take((self.choices < lengths.max()).sum())
 
     # -- one verify round ------------------------------------------------------------
 
@@ -215,12 +283,24 @@ class GoodputPolicy(KLHistoryPolicy):
         values = self.history.values[slots, :self.cfg.window]
         ratio = wvir(values, age, count, self.weight_by_age, flat_value=1.0)
         self.stability[slots] = torch.where(drafted > 0, ratio, self.stability[slots])
-        # What this round taught may move the class's held step count (once a round).
-        choice = self._held_choice(slots)
+        # What this round taught may move the held step count (once a round).
+        rates, survival, counts = self._estimates(slots)
+        choice = self._held_choice(rates)
         self.held = choice
         self.rounds_by_bs_class[_bs_class(bs)] += 1
+        steps = self._decide(slots, choice, survival, counts)
+        if survival is not None:  # ragged: each request's own length; the batch's state
+            return self.req_steps[slots], None, steps
+        return steps.expand(bs).clone(), None
 
-        return self._probed(choice, bs).expand(bs).clone(), None
+
+def _gains_by_steps(survival: torch.Tensor) -> torch.Tensor:
+    """``[K + 1, bs * K]``: for each step count k, the survival of every position < k
+    (-1 at positions >= k, which a verify of k drafts cannot reach)."""
+    bs, width = survival.shape
+    depth = torch.arange(width, device=survival.device)
+    steps = torch.arange(width + 1, device=survival.device).reshape(-1, 1, 1)
+    return torch.where(depth < steps, survival.unsqueeze(0), -1.0).reshape(width + 1, -1)
 
 
 def _bs_class(batch_size: int) -> int:
