@@ -15,7 +15,7 @@ import torch
 
 from tools.round_stream import RoundStream, make_goodput_runtime, switches
 
-#: The stated bound (measured 84-126 on these streams; docs/gpu.md).
+#: The stated bound (measured 84-122 on such streams; docs/gpu.md).
 MAX_SWITCHES_PER_1000 = 150
 
 
