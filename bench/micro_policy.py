@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sglang_dsde.config import DSDEConfig  # noqa: E402
 from sglang_dsde.core import entropy_of_logits, kl_per_position, make_policy  # noqa: E402
+from sglang_dsde.core.round_cost import round_sample  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA8B = dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256)
@@ -95,7 +96,8 @@ class RoundInputs:
         decision = self.policy.update(self.slots, self.drafted, self.accepted, req_kl=kl,
                                       req_temperature=self.temperature)
         if self.goodput:
-            self.policy.observe_round(self.batch_size, self.width, 0.05)
+            self.policy.observe_round(round_sample(self.batch_size, self.width, 0.05,
+                                                 self.policy.device))
         return decision
 
     def signal_and_update(self):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Any
 
 from sglang_dsde import pair_check
@@ -85,6 +86,41 @@ def validate_server_args(server_args: Any) -> None:
         raise DSDEConfigError(
             "--attn-dp-size > 1: DSDE rides the STANDALONE worker, which does not support "
             "attention data parallelism; expected 1")
+    _refuse_what_runtime_state_switches_break(server_args)
+
+
+#: Features SGLang refuses with its own runtime-state switching (``--speculative-
+#: adaptive``: ``adaptive_spec_params.adaptive_unsupported_reason``, the LoRA and
+#: HiSparse argument hooks). Those guards key on ``speculative_adaptive``, which DSDE does
+#: not set, so DSDE applies them itself: (flag, field, why).
+_SWITCH_INCOMPATIBLE = (
+    ("--enable-lora", "enable_lora",
+     "the runtime-state switch does not rebuild LoRA's CUDA-graph metadata"),
+    ("--lora-paths", "lora_paths",
+     "the runtime-state switch does not rebuild LoRA's CUDA-graph metadata"),
+    ("--enable-hisparse", "enable_hisparse",
+     "HiSparse's speculative path sizes its swap state statically"),
+    ("--enable-two-batch-overlap", "enable_two_batch_overlap",
+     "a runtime-state switch would discard the TboAttnBackend wrapper"),
+    ("--enable-pdmux", "enable_pdmux",
+     "a runtime-state switch does not update decode_attn_backend_group"),
+)
+
+
+def _refuse_what_runtime_state_switches_break(server_args: Any) -> None:
+    for flag, field, why in _SWITCH_INCOMPATIBLE:
+        value = getattr(server_args, field, None)
+        if value:
+            raise DSDEConfigError(
+                f"{flag} = {value!r}: not supported with --speculative-algorithm DSDE, which "
+                f"switches SGLang's speculative runtime states between rounds ({why}, as "
+                f"SGLang says for --speculative-adaptive); expected it off")
+    skip = os.environ.get("SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND", "")
+    if skip.lower() in ("true", "1", "yes", "y"):
+        raise DSDEConfigError(
+            f"SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND = {skip!r}: not supported with "
+            f"--speculative-algorithm DSDE (it leaves the draft's KV cache and DSDE's "
+            f"first-draft distributions stale after a no-drafting round); unset it")
 
 
 def handle_server_args(server_args: Any) -> None:

@@ -25,6 +25,10 @@ POLICY_CHOICES = ("dsde", "static", "sglang_adaptive", "adaedl", "goodput")
 MAX_STEPS_LIMIT = 32
 #: Largest KL history per request (the ring buffer is slots x window floats on device).
 MAX_WINDOW = 1024
+#: Step values that get a pre-built runtime state by default (those within
+#: ``[min_steps, max_steps]``, plus both ends): dense where a step is a large share of the
+#: verify width, then about x1.6 apart (``0 1 2 3 4 6 10`` for the default range).
+STATE_LADDER = (0, 1, 2, 3, 4, 6, 10, 16, 24, 32)
 
 
 #: SL of a new request when neither the ``initial_steps`` knob nor a static length
@@ -38,6 +42,18 @@ _POLICY_MIN_STEPS = {"dsde": 2, "adaedl": 2}
 def default_min_steps(policy: str) -> int:
     """The ``min_steps`` a config of ``policy`` gets when the knob is not set."""
     return _POLICY_MIN_STEPS.get(policy, 0)
+
+
+def default_state_steps(min_steps: int, max_steps: int) -> tuple:
+    """The ``state_steps`` a config gets when the knob is not set (``STATE_LADDER``)."""
+    inside = {s for s in STATE_LADDER if min_steps <= s <= max_steps}
+    return tuple(sorted(inside | {min_steps, max_steps}))
+
+
+def state_steps_for(cfg: "DSDEConfig", initial_steps: int) -> tuple:
+    """The step counts the engine can run: ``cfg.state_steps`` plus a new request's SL
+    (SGLang builds that state at start-up anyway). Sorted; every decision is one of them."""
+    return tuple(sorted(set(cfg.state_steps) | {int(initial_steps)}))
 
 
 def initial_steps_for(cfg: "DSDEConfig", static_steps: Optional[int] = None) -> int:
@@ -56,10 +72,11 @@ class DSDEConfigError(ValueError):
 
 
 def _knob(default: Any, help: str, *, lo: Any = None, hi: Any = None,
-          lo_open: bool = False, choices: tuple = ()) -> Any:
-    """A dataclass field whose metadata carries the CLI help and the allowed range."""
+          lo_open: bool = False, choices: tuple = (), kind: Optional[type] = None) -> Any:
+    """A dataclass field whose metadata carries the CLI help and the allowed range
+    (``kind``: the value's type when the default does not say, e.g. ``tuple`` of ints)."""
     return field(default=default, metadata=dict(help=help, lo=lo, hi=hi, lo_open=lo_open,
-                                                choices=choices))
+                                                choices=choices, kind=kind))
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,14 @@ class DSDEConfig:
     initial_steps: Optional[int] = _knob(None, "SL of a new request; default: "
                                          "--speculative-num-steps.", lo="min_steps",
                                          hi="max_steps")
+    state_steps: Optional[tuple] = _knob(None, "Step counts that get a pre-built runtime "
+                                         "state (CUDA graphs, attention backends), plus "
+                                         "--speculative-num-steps; every decision is one of "
+                                         "them (a per-request policy's batch runs the "
+                                         "largest not above its decision). Default: 0 1 2 "
+                                         "3 4 6 10 16 24 32 within [min_steps, max_steps], "
+                                         "plus both ends (0 1 2 3 4 6 10 for the defaults).",
+                                         lo="min_steps", hi="max_steps", kind=tuple)
     per_request_cut: bool = _knob(False, "Cut a request's verify chain at its own SL when "
                                   "the batch drafts more (lossless, saves no compute).")
     ragged_verify: bool = _knob(True, "Ragged verify: the batch drafts its largest SL and "
@@ -116,9 +141,9 @@ class DSDEConfig:
                                             "p ** (1 + w * max(0, WVIR - 1)).", lo=0.0,
                                             hi=10.0)
     goodput_probe_every: int = _knob(32, "goodput policy: every this many rounds the batch "
-                                     "drafts one step more than its estimate, half a period "
-                                     "later one less (exploration; 0: never).", lo=0,
-                                     hi=100000)
+                                     "drafts the next runtime state above its estimate, or "
+                                     "alternately the one below (exploration; 0: never).",
+                                     lo=0, hi=100000)
 
     def __post_init__(self) -> None:
         if self.min_steps is None and self.policy in POLICY_CHOICES:
@@ -129,6 +154,11 @@ class DSDEConfig:
             _refuse_max_below_default_min(self)
         for f in dataclasses.fields(self):
             _check_value(self, f, getattr(self, f.name))
+        # Resolved once, here, after the range checks: every reader sees a sorted tuple.
+        steps = self.state_steps
+        object.__setattr__(self, "state_steps",
+                           default_state_steps(self.min_steps, self.max_steps)
+                           if steps is None else tuple(sorted(steps)))
         if self.per_request_cut and self.policy == "goodput":
             raise DSDEConfigError(
                 f"{knob_flag('per_request_cut')} (DSDE knob 'per_request_cut') = true: not "
@@ -136,7 +166,11 @@ class DSDEConfig:
                 f"batch (a cut could only lose tokens the round already paid for)")
 
     def replace(self, **changes: Any) -> "DSDEConfig":
-        """A validated copy with ``changes`` applied."""
+        """A validated copy with ``changes`` applied (a derived ``state_steps`` is derived
+        again from the new range)."""
+        if "state_steps" not in changes and self.state_steps == default_state_steps(
+                self.min_steps, self.max_steps):
+            changes["state_steps"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -195,12 +229,34 @@ def knob_help(name: str) -> str:
 
 
 def knob_type(name: str) -> type:
-    """The Python type a knob's value has (``int``, ``float``, ``bool`` or ``str``).
+    """The Python type a knob's value has (``int``, ``float``, ``bool``, ``str``, or
+    ``tuple``: a list of integers).
 
-    Read from the default; a knob whose default is None (``initial_steps``) is an int.
+    Read from the default; a knob whose default is None is an int unless it says otherwise.
     """
-    default = _field(name).default
-    return int if default is None else type(default)
+    f = _field(name)
+    if f.metadata["kind"] is not None:
+        return f.metadata["kind"]
+    return int if f.default is None else type(f.default)
+
+
+def parse_knob_text(name: str, text: str) -> Any:
+    """A knob's value from command-line text (a list knob: integers split on commas or
+    spaces); the config validates it."""
+    kind = knob_type(name)
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise DSDEConfigError(f"{knob_flag(name)} = {text!r}: expected true or false")
+    try:
+        if kind is tuple:
+            return tuple(int(v) for v in text.replace(",", " ").split())
+        return kind(text)
+    except ValueError:
+        raise DSDEConfigError(f"{knob_flag(name)} = {text!r}: expected "
+                              f"{_range_text(None, _field(name))}") from None
 
 
 def _field(name: str) -> dataclasses.Field:
@@ -234,7 +290,7 @@ def _range_text(cfg: Optional[DSDEConfig], f: dataclasses.Field) -> str:
     lo, hi = _bound(cfg, meta["lo"]), _bound(cfg, meta["hi"])
     lo_txt = f"{meta['lo']}={lo}" if isinstance(meta["lo"], str) and cfg else str(lo)
     hi_txt = f"{meta['hi']}={hi}" if isinstance(meta["hi"], str) and cfg else str(hi)
-    noun = "an integer" if kind is int else "a number"
+    noun = {int: "an integer", tuple: "distinct integers"}.get(kind, "a number")
     extra = " (or none)" if f.default is None else ""
     return f"{noun} in {'(' if meta['lo_open'] else '['}{lo_txt}, {hi_txt}]{extra}"
 
@@ -261,6 +317,15 @@ def _check_value(cfg: DSDEConfig, f: dataclasses.Field, value: Any) -> None:
         return
     if kind is str:
         if value not in meta["choices"]:
+            refuse()
+        return
+    if kind is tuple:
+        if not isinstance(value, (list, tuple)) or not value or \
+                len(set(value)) != len(value):
+            refuse()
+        lo, hi = _bound(cfg, meta["lo"]), _bound(cfg, meta["hi"])
+        if not all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+                   for v in value):
             refuse()
         return
     # Numbers: bool is an int subclass and never a valid number here.

@@ -50,6 +50,7 @@ import torch
 
 from .config import DSDEConfig, DSDEConfigError, knob_help, knob_names, knob_type
 from .core import PolicyDriver
+from .core.round_cost import round_sample
 from .trace import RoundLine, RoundTrace, Trace, TraceError, read_trace
 
 #: The closed loop's cost model when ``--cost`` is not given.
@@ -85,7 +86,7 @@ def run_rounds(view: RoundTrace, cfg: DSDEConfig, cost=None) -> Iterator[dict]:
         verified = sum(ln.drafted for ln in batch)
         seconds = _round_seconds(batch, cost, width, verified)
         if seconds is not None:
-            driver.observe_cost(len(batch), width, seconds, verified)
+            driver.observe_cost(round_sample(len(batch), width, seconds, verified))
         yield _decision_line(batch[0].round, int(decision.cap), [ln.request for ln in batch],
                              decision.req_steps.tolist())
         done = [ln.slot for ln in batch if ln.done]
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
+        elif kind is tuple:
+            parser.add_argument(*flags, dest=name, type=int, nargs="+", default=None,
+                                help=help_text)
         else:
             parser.add_argument(*flags, dest=name, type=kind, default=None, help=help_text)
     return parser

@@ -27,20 +27,34 @@ decision so the worker can warn once, without an extra synchronisation.
 Decisions reach the host once per round (``next_batch_steps``): without overlap
 scheduling the state updated by the last verify is read directly (one sync, where the
 scheduler syncs anyway); with overlap (``lag_rounds=1``) the step count decided one round
-earlier is used, copied asynchronously, so the CPU never waits on the GPU. Every tensor
-read is computed from rank-identical inputs (all-gathered logits, the same draft), so all
-TP ranks take the same decision without a broadcast.
+earlier is used, copied asynchronously, so the CPU never waits on the GPU. A decision is
+always one of the step counts the engine has a runtime state for (``runnable_steps``).
+
+No host-to-device copy from pageable memory and no host sync happens anywhere else: the
+round's measured cost and the slots of requests that joined or left are host values,
+staged through pinned memory (``staging.HostToDevice``). The slot hooks only record the
+slots on the host; the runtime applies them at its next call from the worker's forward
+path, on the forward stream, before anything reads those slots.
+
+TP ranks: every input of the policy is rank-identical (all-gathered logits, the same
+draft, the same accept lengths, the same batches) except the round time, which each rank
+reads from its own clock. ``share`` (given by the worker under TP > 1) broadcasts rank 0's
+cost sample, a device tensor, to the other ranks before the policy sees it: one small
+collective enqueued on the stream, no host wait. So every rank runs the same policy on
+the same inputs and takes the same decisions (docs/gpu.md).
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Deque, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Sequence, Tuple
 
 import torch
 
 from sglang_dsde.config import DSDEConfig
 from sglang_dsde.core import PolicyDriver, entropy_of_logits, kl_per_position
+from sglang_dsde.core.round_cost import round_sample_values
+from sglang_dsde.staging import HostToDevice
 
 
 class DSDERuntime:
@@ -48,19 +62,26 @@ class DSDERuntime:
 
     def __init__(self, cfg: DSDEConfig, *, max_slots: int, max_rows: int, vocab_size: int,
                  initial_steps: int, device="cpu", logits_dtype=torch.float32,
-                 lag_rounds: int = 0, min_runnable_steps: int = 0):
+                 lag_rounds: int = 0, runnable_steps: Optional[Sequence[int]] = None,
+                 share: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.cfg = cfg
         self.device = torch.device(device)
         self.vocab_size = int(vocab_size)
         self.max_rows = int(max_rows)
         self.initial_steps = int(initial_steps)
         self.lag_rounds = int(lag_rounds)
-        #: The smallest step count the engine can run (its pre-built states start there:
-        #: 0 is the no-drafting state): a policy's decision below it runs as this many.
-        self.min_runnable_steps = int(min_runnable_steps)
+        #: ``share(t) -> t``: rank 0's value of a small device tensor on every TP rank
+        #: (None: one rank). Applied to the round-cost sample, the one input a rank reads
+        #: from its own clock.
+        self.share = share
+        self._stage = HostToDevice(self.device)
         self.driver = PolicyDriver.build(cfg, max_slots=max_slots, device=self.device,
                                          static_steps=initial_steps,
-                                         min_runnable_steps=min_runnable_steps)
+                                         runnable_steps=runnable_steps)
+        #: Step counts the engine can run (its pre-built states; 0 is the no-drafting
+        #: state), sorted: every batch decision is one of them.
+        self.runnable_steps = self.driver.runnable_steps
+        self.min_runnable_steps = self.runnable_steps[0]
         self.policy = self.driver.policy
         width = cfg.max_steps + 1
         #: The distribution that proposes each slot's next first draft token.
@@ -69,8 +90,11 @@ class DSDERuntime:
         #: Flat storage for ``[bs, steps + 1, V]`` views of this round's draft logits.
         self._round_draft = torch.zeros(self.max_rows * width * self.vocab_size,
                                         dtype=logits_dtype, device=self.device)
-        #: Slots that hold a live request (allocated and not yet freed).
-        self.slot_in_use = torch.zeros(max_slots, dtype=torch.bool, device=self.device)
+        #: Slots that hold a live request (allocated and not yet freed); host-side.
+        self.slot_in_use = torch.zeros(max_slots, dtype=torch.bool)
+        #: Slot events recorded by the hooks, applied at the next round-path call:
+        #: ``[(admitted?, [slots])]`` in order.
+        self._slot_events: List[Tuple[bool, List[int]]] = []
         self._next_step = 0
         self._pending: Deque[Tuple[torch.Tensor, Optional[object]]] = collections.deque()
         # Host-side counters, updated when a decision is read (never in the round path).
@@ -91,17 +115,34 @@ class DSDERuntime:
 
     # -- request lifetime -------------------------------------------------------------
 
-    def on_slots_allocated(self, slots: torch.Tensor) -> None:
-        """A new request took each slot: fresh policy state, no first draft yet."""
-        slots = slots.to(self.device, torch.int64)
-        self.driver.admit(slots)
-        self.slot_in_use[slots] = True
+    def on_slots_allocated(self, slots: Sequence[int]) -> None:
+        """A new request took each slot (host ints): fresh policy state, applied before
+        the runtime next touches a slot."""
+        self._record_slot_event(True, slots)
 
-    def on_slots_freed(self, slots: torch.Tensor) -> None:
-        """Requests finished or were aborted: forget them (also reset at reuse)."""
-        slots = slots.to(self.device, torch.int64)
-        self.driver.release(slots)
-        self.slot_in_use[slots] = False
+    def on_slots_freed(self, slots: Sequence[int]) -> None:
+        """Requests finished or were aborted (host ints): forget them (also reset at
+        reuse)."""
+        self._record_slot_event(False, slots)
+
+    def _record_slot_event(self, admitted: bool, slots) -> None:
+        slots = [int(s) for s in (slots.tolist() if isinstance(slots, torch.Tensor)
+                                  else slots)]
+        if not slots:
+            return
+        self.slot_in_use[slots] = admitted
+        if self._slot_events and self._slot_events[-1][0] == admitted:
+            self._slot_events[-1][1].extend(slots)
+        else:
+            self._slot_events.append((admitted, slots))
+
+    def apply_slot_events(self) -> None:
+        """Reset the policy state of the slots the hooks recorded (staged, no host sync).
+        Every round-path method calls it first; the worker calls it on other forwards."""
+        events, self._slot_events = self._slot_events, []
+        for admitted, slots in events:
+            staged = self._stage(slots, torch.int64)
+            (self.driver.admit if admitted else self.driver.release)(staged)
 
     # -- one round ----------------------------------------------------------------------
 
@@ -116,6 +157,7 @@ class DSDERuntime:
         bs = int(slots.shape[0])
         if bs > self.max_rows:
             raise ValueError(f"DSDE runtime: batch of {bs} requests exceeds {self.max_rows}")
+        self.apply_slot_events()
         self.begin_draft_steps()
         if bs:
             self.round_draft_logits(bs, int(steps))[:, 0].copy_(
@@ -142,6 +184,7 @@ class DSDERuntime:
     def record_first_draft(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
         """Draft-extend output ``[bs, V]``: the next first-draft distribution per slot."""
         bs = int(slots.shape[0])
+        self.apply_slot_events()
         if bs:
             self.slot_first_draft[slots.to(self.device, torch.int64)] = \
                 logits[:bs].to(self.slot_first_draft.dtype)
@@ -177,6 +220,7 @@ class DSDERuntime:
         """
         bs = int(slots.shape[0])
         slots = slots.to(self.device, torch.int64)
+        self.apply_slot_events()
         if bs == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device)
         width = steps + 1
@@ -206,7 +250,8 @@ class DSDERuntime:
         self.request_rounds += bs
         self.window_tokens += bs * width
         self.verified_tokens += bs * width if verified_tokens is None else int(verified_tokens)
-        self._push_decision(torch.stack([req_steps.max(), decision.num_skipped, decision.cap]))
+        self._push_decision(torch.stack([self.driver.snap(decision.batch_steps),
+                                         decision.num_skipped, decision.cap]))
         # Reported as what will run (meta_info ``dsde_sl``): below the engine's smallest
         # pre-built state a request drafts ``min_runnable_steps``.
         return req_steps.clamp_min(self.min_runnable_steps)
@@ -214,14 +259,16 @@ class DSDERuntime:
     # -- decisions to the host --------------------------------------------------------
 
     def _push_decision(self, packed: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending.append((host, event))
-        else:
+        if self.device.type == "cpu":
             self._pending.append((packed, None))
+        else:
+            cuda = self.device.type == "cuda"
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=cuda)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event() if cuda else None
+            if event is not None:
+                event.record()
+            self._pending.append((host, event))
         # Decisions nobody asked for (rounds without a next_batch_steps call) are still
         # counted; they are at least lag + 1 rounds old, so reading them does not wait.
         self._read_pending(keep=self.lag_rounds + 1)
@@ -231,11 +278,12 @@ class DSDERuntime:
 
         Without lag: the policy's batch decision (``batch_steps_for``: by default the
         largest current SL over the batch; new requests count with the initial SL). With
-        ``lag_rounds`` = 1: the previous round's decision. Clamped into
-        ``[min_runnable_steps, max_steps]``. A policy that reads the first draft's entropy
-        gets it here, from the distributions kept by slot.
+        ``lag_rounds`` = 1: the previous round's decision. Snapped to ``runnable_steps``
+        (the largest not above it, never below the smallest). A policy that reads the
+        first draft's entropy gets it here, from the distributions kept by slot.
         """
         slots = slots.to(self.device, torch.int64)
+        self.apply_slot_events()
         if self.policy.needs_first_entropy and slots.shape[0]:
             self.driver.observe_first_entropy(
                 slots, entropy_of_logits(self.slot_first_draft[slots]))
@@ -247,7 +295,7 @@ class DSDERuntime:
                 steps = self.initial_steps
             else:
                 steps = self._read_pending(keep=self.lag_rounds)
-        steps = min(max(steps, self.min_runnable_steps), self.cfg.max_steps)
+        steps = self.driver.snap_host(steps)
         self.batch_steps_histogram[steps] = self.batch_steps_histogram.get(steps, 0) + 1
         self.last_batch_steps = steps
         return steps
@@ -264,9 +312,16 @@ class DSDERuntime:
         previous = self._round_clock
         # The first round a runtime state runs pays one-off work (lazy buffers, first
         # kernels: many times a round); as a cost sample it would make that step count
-        # look expensive for hundreds of rounds, so it is not one.
-        if previous is not None and previous[1] in self._warm_steps:
-            self.driver.observe_cost(previous[0], previous[1], now - previous[2], previous[3])
+        # look expensive for hundreds of rounds, so it is not one. (Every condition here
+        # is a host value that is the same on every TP rank.)
+        if previous is not None and previous[1] in self._warm_steps and \
+                self.policy.needs_round_cost:
+            sample = self._stage(round_sample_values(previous[0], previous[1],
+                                                     now - previous[2], previous[3]),
+                                 torch.float64)
+            if self.share is not None:
+                sample = self.share(sample)
+            self.driver.observe_cost(sample)
         if previous is not None:
             self._warm_steps.add(previous[1])
         self._round_clock = (int(batch_size), int(steps), float(now), verified)
@@ -275,6 +330,7 @@ class DSDERuntime:
         """Something other than a decode round ran (a prefill, an idle period): the gap
         to the next decode round is not a round's cost."""
         self._round_clock = None
+        self.apply_slot_events()
 
     def _read_pending(self, keep: int) -> int:
         """Read decisions older than the newest ``keep``; return the last one's steps."""
@@ -286,6 +342,10 @@ class DSDERuntime:
             steps, skipped, self.last_cap = (int(v) for v in host.tolist())
             self.num_skipped_signals += skipped
         return steps
+
+    def host_counters(self) -> dict:
+        """The last decision's host values (no device read: the decode log line's)."""
+        return {"last_batch_steps": self.last_batch_steps, "last_cap": self.last_cap}
 
     def stats(self) -> dict:
         """DSDE's state for humans (``/server_info``): host counters and slot occupancy."""

@@ -7,41 +7,63 @@ One round, in this order (any caller)::
     req_steps = driver.req_steps(slots)         # [bs]: each request's own SL (for a cut)
     ... draft, verify ...
     decision = driver.observe(slots, drafted, accepted, kl=..., temperature=..., ...)
-    driver.observe_cost(bs, steps, seconds, verified)  # the round's measured or modelled cost
+    driver.observe_cost(sample)                 # the round's measured or modelled cost:
+                                                #   round_cost.round_sample(bs, steps, s, T)
     ... requests join / leave: driver.admit(slots) / driver.release(slots)
 
-``plan`` clamps the policy's batch decision into ``[min_runnable_steps, max_steps]``
-(the engine's smallest pre-built state may be above the policy's floor). Everything is a
-device tensor; nothing here reads a value back to the host (the caller decides when).
+``plan`` snaps the policy's batch decision to the step counts the engine can run
+(``runnable_steps``: ``config.state_steps_for``, the pre-built runtime states): the
+largest not above it, never below the smallest (``snap``). Everything is a device tensor;
+nothing here reads a value back to the host (the caller decides when).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from ..config import DSDEConfig, initial_steps_for
+from ..config import DSDEConfig, initial_steps_for, state_steps_for
 from .policies import PolicyDecision, SpecPolicy, make_policy
 
 
 class PolicyDriver:
     """Steps one ``SpecPolicy`` (module docstring)."""
 
-    def __init__(self, policy: SpecPolicy, *, min_runnable_steps: int = 0):
+    def __init__(self, policy: SpecPolicy, *, runnable_steps: Optional[Sequence[int]] = None):
         self.policy = policy
-        self.min_runnable_steps = int(min_runnable_steps)
+        #: Sorted step counts the engine can run (default: the config's states).
+        self.runnable_steps = tuple(sorted(
+            runnable_steps if runnable_steps is not None
+            else state_steps_for(policy.cfg, policy.initial_steps)))
+        # snap_table[k]: the largest runnable step count <= k (the smallest for k below it).
+        table = [max([s for s in self.runnable_steps if s <= k] or [self.runnable_steps[0]])
+                 for k in range(self.cfg.max_steps + 1)]
+        self._snap_table = torch.tensor(table, dtype=torch.int64, device=policy.device)
 
     @classmethod
     def build(cls, cfg: DSDEConfig, *, max_slots: int, device="cpu",
-              static_steps: Optional[int] = None, min_runnable_steps: int = 0,
+              static_steps: Optional[int] = None,
+              runnable_steps: Optional[Sequence[int]] = None,
               **policy_kwargs) -> "PolicyDriver":
         """A driver of a fresh ``cfg.policy`` whose new requests start at
         ``config.initial_steps_for(cfg, static_steps)``."""
         policy = make_policy(cfg, max_slots=max_slots, device=device,
                              default_initial_steps=initial_steps_for(cfg, static_steps),
                              **policy_kwargs)
-        return cls(policy, min_runnable_steps=min_runnable_steps)
+        return cls(policy, runnable_steps=runnable_steps)
+
+    @property
+    def min_runnable_steps(self) -> int:
+        return self.runnable_steps[0]
+
+    def snap(self, steps: torch.Tensor) -> torch.Tensor:
+        """Step counts (any shape, int64, on the device) -> the runnable count each runs."""
+        return self._snap_table.take(steps.clamp(0, self.cfg.max_steps))
+
+    def snap_host(self, steps: int) -> int:
+        """``snap`` for a host int."""
+        return max([s for s in self.runnable_steps if s <= steps] or [self.runnable_steps[0]])
 
     @property
     def cfg(self) -> DSDEConfig:
@@ -71,8 +93,7 @@ class PolicyDriver:
         """
         if first_entropy is not None:
             self.observe_first_entropy(slots, first_entropy)
-        steps = self.policy.batch_steps_for(slots)
-        return steps.clamp(self.min_runnable_steps, self.cfg.max_steps)
+        return self.snap(self.policy.batch_steps_for(slots))
 
     def observe_first_entropy(self, slots: torch.Tensor, first_entropy: torch.Tensor) -> None:
         """The entropy of each request's first draft distribution for the coming round,
@@ -95,11 +116,11 @@ class PolicyDriver:
                                   req_temperature=temperature,
                                   req_draft_entropy=draft_entropy, batch_size=batch_size)
 
-    def observe_cost(self, batch_size: int, batch_steps: int, seconds: float,
-                     verified: Optional[int] = None) -> None:
-        """The cost of the round just played (host numbers; ``verified``: the drafted
-        tokens the target verified, default all of them)."""
-        self.policy.observe_round(batch_size, batch_steps, seconds, verified)
+    def observe_cost(self, sample: torch.Tensor) -> None:
+        """The cost of the round just played: ``[batch size, steps, seconds, verified]``
+        float64 on the policy's device (``verified``: the drafted tokens the target
+        verified; ``round_cost.round_sample`` from host numbers)."""
+        self.policy.observe_round(sample)
 
     def describe(self) -> dict:
         return self.policy.describe()

@@ -243,15 +243,15 @@ class OnlineRoundCost:
         """0-dim: the predicted cost of one more drafted token verified (``dv``)."""
         return self.coefs[ROUND_COEFS.index("dv")]
 
-    def observe(self, batch_size: int, batch_steps: int, seconds: float,
-                verified: Optional[int] = None) -> None:
-        """One measured round (host numbers; ``verified``: drafted tokens the target
-        verified, default ``bs * k``); updates the coefficients on the device."""
-        f64 = dict(dtype=torch.float64, device=self.device)
-        x = self._features(torch.tensor(float(batch_size), **f64),
-                           torch.tensor(float(batch_steps), **f64),
-                           None if verified is None else torch.tensor(float(verified), **f64))
-        t = torch.tensor(float(seconds), **f64)
+    def observe(self, sample: torch.Tensor) -> None:
+        """One measured round: ``sample`` = ``[batch size, steps, seconds, verified]``
+        float64 on this model's device (``verified``: drafted tokens the target verified;
+        ``round_sample`` builds one from host numbers). A tensor, not host numbers, so the
+        engine can stage it without a host sync and share one rank's timing with the
+        others (``DSDERuntime``)."""
+        sample = sample.to(dtype=torch.float64)
+        x = self._features(sample[0], sample[1], sample[3])
+        t = sample[2]
         predicted = x @ self.coefs
         # Drop non-positive timings and outliers (a gap that held more than one round).
         keep = (t > 0) & ((self.num_samples < MIN_SAMPLES) | (t <= OUTLIER_FACTOR * predicted))
@@ -268,6 +268,22 @@ class OnlineRoundCost:
         rhs = self._rhs + self._prior_rhs / scale
         self.coefs = torch.where(torch.isfinite(rhs).all(), solve_nonnegative(gram, rhs),
                                  self.coefs)
+
+
+def round_sample_values(batch_size: int, batch_steps: int, seconds: float,
+                        verified: Optional[int] = None) -> list:
+    """The four host numbers of a cost sample (``verified`` default: ``bs * steps``)."""
+    verified = batch_size * batch_steps if verified is None else verified
+    return [float(batch_size), float(batch_steps), float(seconds), float(verified)]
+
+
+def round_sample(batch_size: int, batch_steps: int, seconds: float,
+                 verified: Optional[int] = None, device="cpu") -> torch.Tensor:
+    """``[batch size, steps, seconds, verified]`` float64: one round's cost sample built
+    from host numbers (the simulator, the replay; on a CUDA device this is a
+    host-to-device copy, which the engine's runtime avoids by staging)."""
+    return torch.tensor(round_sample_values(batch_size, batch_steps, seconds, verified),
+                        dtype=torch.float64, device=device)
 
 
 def solve_nonnegative(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

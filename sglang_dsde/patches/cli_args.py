@@ -111,6 +111,8 @@ def _add_dsde_flags(_result, parser: argparse.ArgumentParser) -> None:
             group.add_argument(knob_flag(name), action=argparse.BooleanOptionalAction, **common)
         elif name == "policy":
             group.add_argument(knob_flag(name), choices=POLICY_CHOICES, **common)
+        elif kind is tuple:  # a list of integers: --dsde-state-steps 0 1 2 4 8
+            group.add_argument(knob_flag(name), type=int, nargs="+", metavar="INT", **common)
         else:
             group.add_argument(knob_flag(name), type=kind, metavar=kind.__name__.upper(),
                                **common)

@@ -43,6 +43,8 @@ def apply() -> None:
 
 
 def attach(stats: Callable[[], dict]) -> None:
-    """Called by the DSDE worker: where the line's figures come from."""
+    """Called by the DSDE worker: where the line's figures come from (host values only,
+    ``DSDERuntime.host_counters``: the filter runs on the scheduler's thread and must
+    not read the device)."""
     global _stats
     _stats = stats

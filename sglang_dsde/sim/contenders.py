@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from ..config import DSDEConfig, initial_steps_for, knob_flag, knob_names, knob_type
+from ..config import DSDEConfig, initial_steps_for, knob_flag, knob_names, parse_knob_text
 from ..core.policies import POLICIES
 from .controllers import Controller, HindsightGreedyController, PolicyController
 from .cost import RoundCost
@@ -93,21 +93,12 @@ class Contender:
         for key, value in knobs.items():
             if isinstance(value, bool):
                 flags.append(knob_flag(key) if value else "--no-" + knob_flag(key)[2:])
+            elif isinstance(value, tuple):
+                flags += [knob_flag(key), *map(str, value)]
             else:
                 flags += [knob_flag(key), str(value)]
         return {"algorithm": "DSDE", "draft_model_path": draft,
                 "num_steps": knobs["max_steps"], "extra_args": flags}
-
-
-def _parse_value(name: str, text: str):
-    kind = knob_type(name)
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"knob {name}: {text!r} is not a boolean")
-    return kind(text)
 
 
 def parse_contender(spec: str) -> Contender:
@@ -129,7 +120,7 @@ def parse_contender(spec: str) -> Contender:
         if not eq or key not in knob_names():
             raise ValueError(f"contender {spec!r}: {item!r} is not knob=value with a "
                              f"DSDEConfig knob")
-        knobs[key] = _parse_value(key, value.strip())
+        knobs[key] = parse_knob_text(key, value.strip())
     return Contender(spec, "policy", policy, knobs)
 
 

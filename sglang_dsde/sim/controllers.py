@@ -35,6 +35,7 @@ import torch
 
 from ..config import DSDEConfig
 from ..core import PolicyDriver
+from ..core.round_cost import round_sample
 from .cost import RoundCost
 from ..trace import RequestTrace
 
@@ -105,7 +106,7 @@ class PolicyController(Controller):
             first_entropy = torch.tensor([float(r.trace.draft_entropy[r.pos][0])
                                           for r in batch], dtype=torch.float64)
         batch_steps = int(self.driver.plan(slots, first_entropy))
-        if self.ragged or self.per_request_cut:
+        if self.ragged or self.per_request_cut:  # own SLs, within what the batch drafts
             req_steps = self.driver.req_steps(slots).clamp_max(batch_steps)
             return req_steps.numpy().astype(np.int64), batch_steps
         return np.full(len(batch), batch_steps, dtype=np.int64), batch_steps
@@ -130,7 +131,7 @@ class PolicyController(Controller):
                                          zip(batch, decision.req_steps.tolist())}})
 
     def observe_cost(self, batch_size, batch_steps, cost, verified=None):
-        self.driver.observe_cost(batch_size, batch_steps, cost, verified)
+        self.driver.observe_cost(round_sample(batch_size, batch_steps, cost, verified))
 
     def release(self, slots):
         self.driver.release(torch.tensor(list(slots), dtype=torch.int64))

@@ -32,6 +32,14 @@ HOOKED_SYMBOLS = (
     "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.init_cuda_graphs",
     "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.apply_runtime_state",
     "sglang.srt.speculative.adaptive_runtime_state.AdaptiveController",
+    "sglang.srt.speculative.adaptive_runtime_state.AdaptiveController.init_states",
+    # v2: the runtime states, their switch log line and their overrides-log entries
+    "sglang.srt.speculative.eagle_worker_v2.logger",
+    "sglang.srt.runtime_context.get_context",
+    "sglang.srt.runtime_context.RuntimeContext._overrides_log",
+    # v2: TP ranks share rank 0's round-cost sample
+    "sglang.srt.layers.dp_attention.get_dp_tp_group",
+    "sglang.srt.distributed.parallel_state.GroupCoordinator.broadcast",
     # v2: objects wrapped on the running instances
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.register_on_alloc_rows",
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool._on_alloc_rows",

@@ -11,25 +11,32 @@ its code:
 * the signal and the policy after every verify (``verify`` override), the per-request SL
   reported as SGLang's ``cap_lens`` (meta_info ``spec_cap_length``, histogram);
 * the step count: an ``AdaptiveController`` with one pre-built ``SpecRuntimeState`` per
-  step value in ``[min_steps, max_steps]`` (SGLang's own mechanism, CUDA-graph safe),
-  switched between rounds to the runtime's decision;
-* slot lifetime: the request pool's allocation hook resets a slot, ``free_rows`` clears it.
+  runnable step count (``config.state_steps_for``: ``--dsde-state-steps`` plus the
+  initial SL; SGLang's own mechanism, CUDA-graph safe), each capturing the graph batch
+  sizes ``states.graph_batch_sizes`` keeps for it, switched between rounds to the
+  runtime's decision; a switch keeps nothing (``apply_runtime_state``);
+* slot lifetime: the request pool's allocation hook resets a slot, ``free_rows`` clears it
+  (host ints; the runtime applies them on its next call, without a host sync);
+* TP > 1: the runtime shares rank 0's round-cost sample over the TP group
+  (``GroupCoordinator.broadcast``), so every rank decides the same (docs/gpu.md).
 
 Every SGLang object used here is listed in ``sglang_dsde.worker.HOOKED_SYMBOLS``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from sglang.srt.arg_groups.overrides import resolution_result
 from sglang.srt.speculative.adaptive_runtime_state import AdaptiveController
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
-from sglang_dsde import args
+from sglang_dsde import args, states
+from sglang_dsde.config import state_steps_for
 from sglang_dsde.runtime import DSDERuntime
 from sglang_dsde.worker import exact_penalties
 
@@ -37,14 +44,23 @@ from . import ragged
 from .ragged import RaggedVerify
 
 logger = logging.getLogger(__name__)
+#: The SGLang logger that announces each runtime-state switch (one INFO line each).
+_SWITCH_LOGGER = "sglang.srt.speculative.eagle_worker_v2"
+#: ``_overrides_log`` source of the entry each switch appends (``apply_runtime_state``).
+_SWITCH_SOURCE = "adaptive_spec.restore"
 
 
 class _StepSchedule:
-    """SGLang's ``AdaptiveSpecPolicy`` protocol, answering with the runtime's decision."""
+    """SGLang's ``AdaptiveSpecPolicy`` protocol, answering with the runtime's decision.
 
-    def __init__(self, candidate_steps: List[int], initial_steps: int):
+    ``on_graph_bs(graph_bs)``: called once SGLang hands over the CUDA-graph batch sizes,
+    before any state is built (the worker logs the states' estimated memory there)."""
+
+    def __init__(self, candidate_steps: List[int], initial_steps: int,
+                 on_graph_bs: Optional[Callable] = None):
         self._candidates = candidate_steps
         self._graph_bs: Optional[List[int]] = None
+        self._on_graph_bs = on_graph_bs
         self.planned_steps = initial_steps
 
     @property
@@ -52,10 +68,14 @@ class _StepSchedule:
         return self._candidates
 
     def set_cuda_graph_bs(self, cuda_graph_bs):
-        self._graph_bs = cuda_graph_bs
+        self._graph_bs = sorted(cuda_graph_bs) if cuda_graph_bs else cuda_graph_bs
+        if self._on_graph_bs is not None:
+            self._on_graph_bs(self._graph_bs)
 
     def cuda_graph_bs_for_step(self, step: int):
-        return self._graph_bs
+        """Fewer graphs for long chains (``states.graph_batch_sizes``), as SGLang's own
+        adaptive tiers prune them."""
+        return states.graph_batch_sizes(self._graph_bs, step)
 
     def get_steps_for_batch(self, batch_size: int) -> int:
         return self.planned_steps
@@ -79,6 +99,44 @@ class _HostValues:
         return self._host[index]
 
 
+class _QuietSwitchLine(logging.Filter):
+    """Drops SGLang's INFO line of a runtime-state switch while DSDE switches (DSDE
+    counts its switches in ``/server_info``; a line each would flood the log)."""
+
+    active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and str(record.msg).startswith("Switch adaptive runtime"))
+
+
+_QUIET_SWITCH = _QuietSwitchLine()
+
+
+@contextlib.contextmanager
+def _quiet_switch_line():
+    switch_logger = logging.getLogger(_SWITCH_LOGGER)
+    if _QUIET_SWITCH not in switch_logger.filters:
+        switch_logger.addFilter(_QUIET_SWITCH)
+    _QUIET_SWITCH.active = True
+    try:
+        yield
+    finally:
+        _QUIET_SWITCH.active = False
+
+
+def _trim_switch_entries(overrides_log: list) -> None:
+    """Keep only the newest switch entry of SGLang's ``_overrides_log`` (in place).
+
+    Each switch appends ``("adaptive_spec.restore", {steps, draft tokens})`` and nothing
+    trims the list; readers overlay the entries in order (``resolved_server_args_dict``),
+    and every switch entry sets the same two fields, so dropping all but the newest one
+    leaves what they read unchanged."""
+    switch_entries = [i for i, (source, _) in enumerate(overrides_log)
+                      if source == _SWITCH_SOURCE]
+    for i in reversed(switch_entries[:-1]):
+        del overrides_log[i]
+
+
 class DSDEWorkerV2(StandaloneWorkerV2):
     """STANDALONE's worker, plus the DSDE signal, policy and step switching."""
 
@@ -89,12 +147,7 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         # The SL of a new request (0 allowed: SGLang's static state then has 1 step).
         self.dsde_initial_steps = (self.speculative_num_steps if cfg.initial_steps is None
                                    else cfg.initial_steps)
-        # Step 0 is SGLang's no-drafting state: a one-token verify (a plain decode
-        # through the verify path) plus the draft extend that keeps the draft's KV
-        # and the next first-draft distribution current.
-        candidates = list(range(cfg.min_steps, cfg.max_steps + 1))
-        self._schedule = _StepSchedule(candidates, self.dsde_initial_steps)
-        self.adaptive_controller = AdaptiveController(self, self._schedule)
+        self._init_step_states()
         #: The ragged verify (each request verifies its own length), where supported.
         self._ragged: Optional[RaggedVerify] = None
         self._warned_grammar = False
@@ -119,14 +172,43 @@ class DSDEWorkerV2(StandaloneWorkerV2):
 
     # -- start-up ---------------------------------------------------------------
 
+    def _init_step_states(self) -> None:
+        """SGLang's controller over one runtime state per runnable step count (built by
+        ``init_cuda_graphs``). Step 0 is SGLang's no-drafting state: a one-token verify
+        (a plain decode through the verify path) plus the draft extend that keeps the
+        draft's KV and the next first-draft distribution current."""
+        # SGLang activates its static state (--speculative-num-steps, at least 1) first.
+        candidates = sorted(set(state_steps_for(self.dsde_config, self.dsde_initial_steps))
+                            | {self.speculative_num_steps})
+        self._schedule = _StepSchedule(candidates, self.dsde_initial_steps,
+                                       on_graph_bs=self._log_states)
+        self.adaptive_controller = AdaptiveController(self, self._schedule)
+        self.num_state_switches = 0
+
     def init_cuda_graphs(self):
         self._init_dsde_runtime()
         super().init_cuda_graphs()
         self._wrap_extend_graph_runner()
 
     def apply_runtime_state(self, state) -> None:
-        super().apply_runtime_state(state)
+        switching = state.speculative_num_steps != self.speculative_num_steps
+        with _quiet_switch_line():
+            super().apply_runtime_state(state)
+        if switching:
+            self.num_state_switches += 1
+            from sglang.srt.runtime_context import get_context
+
+            _trim_switch_entries(get_context()._overrides_log)
         self._wrap_extend_graph_runner()
+
+    def _log_states(self, graph_bs) -> None:
+        """One start-up line: the runtime states and their estimated memory."""
+        model_runner = self._target_worker.model_runner
+        logger.info(states.describe_states(
+            self._schedule.candidate_steps, graph_bs,
+            int(model_runner.model_config.vocab_size),
+            resolution_result(self.server_args, "attention_backend"),
+            self.dsde_initial_steps))
 
     def _wrap_extend_graph_runner(self) -> None:
         """A replayed draft-extend graph bypasses ``forward``: keep its output too."""
@@ -154,11 +236,12 @@ class DSDEWorkerV2(StandaloneWorkerV2):
             # Under overlap scheduling the CPU runs one round ahead of the GPU.
             lag_rounds=0 if resolution_result(self.server_args,
                                               "disable_overlap_schedule") else 1,
-            min_runnable_steps=self._schedule.candidate_steps[0])
+            runnable_steps=self._schedule.candidate_steps,
+            share=self._tp_share())
         runtime = self.dsde
 
         def on_alloc_rows(rows):
-            runtime.on_slots_allocated(torch.as_tensor(rows, dtype=torch.int64))
+            runtime.on_slots_allocated(rows)
 
         if getattr(pool, "_on_alloc_rows", None) is None:
             pool.register_on_alloc_rows(on_alloc_rows)
@@ -169,7 +252,7 @@ class DSDEWorkerV2(StandaloneWorkerV2):
 
         def free_rows_and_forget(indices):
             free_rows(indices)
-            runtime.on_slots_freed(torch.as_tensor(list(indices), dtype=torch.int64))
+            runtime.on_slots_freed(indices)
 
         pool.free_rows = free_rows_and_forget
         self._wrap_draft_runner()
@@ -177,7 +260,19 @@ class DSDEWorkerV2(StandaloneWorkerV2):
             self._ragged.install(self._target_worker)
         from sglang_dsde.patches import decode_log
 
-        decode_log.attach(runtime.stats)
+        decode_log.attach(runtime.host_counters)
+
+    @staticmethod
+    def _tp_share():
+        """``share(t)``: rank 0's value of a small device tensor on every rank of the TP
+        group that runs this batch (None on one rank). A collective on the current
+        stream: the host does not wait."""
+        from sglang.srt.layers.dp_attention import get_dp_tp_group
+
+        group = get_dp_tp_group()
+        if group.world_size <= 1:
+            return None
+        return lambda tensor: group.broadcast(tensor, src=0)
 
     def _wrap_draft_runner(self) -> None:
         draft_worker = self._draft_worker
@@ -287,7 +382,10 @@ class DSDEWorkerV2(StandaloneWorkerV2):
 
     def dsde_stats(self) -> dict:
         """DSDE's state for ``/server_info`` (``patches/internal_state.py``)."""
-        return self.dsde.stats() if self.dsde is not None else {}
+        if self.dsde is None:
+            return {}
+        return {**self.dsde.stats(), "state_switches": self.num_state_switches,
+                "runtime_states": list(self._schedule.candidate_steps)}
 
     def _warn_skipped_once(self) -> None:
         if self.dsde.num_skipped_signals and not self._warned_skipped:

@@ -204,3 +204,37 @@ def test_draft_whose_tokenizer_maps_ids_differently_is_refused(plugins_loaded, t
     (draft / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(DSDEConfigError, match="its tokenizer maps 2 token\(s\) to other ids"):
         _resolve_with_draft(tiny_pair, draft)
+
+
+#: What SGLang refuses with its own runtime-state switching (--speculative-adaptive),
+#: refused with DSDE at argument resolution: (arguments, environment, the flag named).
+SWITCH_INCOMPATIBLE = [
+    (["--enable-lora"], {}, "--enable-lora = True"),
+    (["--lora-paths", "adapter=/nonexistent"], {}, "--lora-paths = ['adapter=/nonexistent']"),
+    (["--enable-hisparse"], {}, "--enable-hisparse = True"),
+    (["--enable-two-batch-overlap"], {}, "--enable-two-batch-overlap = True"),
+    (["--enable-pdmux"], {}, "--enable-pdmux = True"),
+    ([], {"SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND": "1"},
+     "SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND = '1'"),
+]
+
+
+@pytest.mark.parametrize("extra,env,named", SWITCH_INCOMPATIBLE,
+                         ids=[n.split(" =")[0] for _, _, n in SWITCH_INCOMPATIBLE])
+def test_what_runtime_state_switches_break_is_refused_naming_the_flag(
+        plugins_loaded, tiny_pair, monkeypatch, extra, env, named):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(DSDEConfigError) as excinfo:
+        resolve(tiny_pair, *extra)
+    text = str(excinfo.value)
+    assert text.startswith(named) and "DSDE" in text and "\n" not in text
+
+
+def test_state_steps_flag_resolves_to_the_runtime_states(plugins_loaded, tiny_pair):
+    cfg = dsde_config_of(resolve(tiny_pair, "--dsde-state-steps", "0", "2", "5",
+                                 "--dsde-max-steps", "8"))
+    assert cfg.state_steps == (0, 2, 5)
+    with pytest.raises(DSDEConfigError,
+                       match=r"--dsde-state-steps \(DSDE knob 'state_steps'\) = \[0, 9\]"):
+        resolve(tiny_pair, "--dsde-state-steps", "0", "9", "--dsde-max-steps", "8")

@@ -62,7 +62,9 @@ def test_sglang_adaptive_mirrors_sglang(tiers, initial, batches):
             theirs = sglang_params.AdaptiveSpeculativeParams(initial, cfg_path=fh.name)
         finally:
             os.unlink(fh.name)
-    cfg = DSDEConfig(policy="sglang_adaptive", min_steps=0, max_steps=8)
+    # Every step count SGLang's tiers may choose has a runtime state here.
+    cfg = DSDEConfig(policy="sglang_adaptive", min_steps=0, max_steps=8,
+                     state_steps=list(range(9)))
     ours = make_policy(cfg, max_slots=16, default_initial_steps=initial, tiers=tiers)
     for accepted in batches:
         bs = len(accepted)
@@ -88,11 +90,11 @@ def test_sglang_adaptive_ceiling_lowers_a_step_that_did_not_rise():
     assert d.req_steps.tolist() == [0] and pol.tier_ema[0].item() == 1.0
 
 
-def test_sglang_adaptive_clamps_candidates_into_the_sl_range():
+def test_sglang_adaptive_snaps_candidates_to_the_runtime_states():
     pol = make_policy(DSDEConfig(policy="sglang_adaptive", min_steps=2), max_slots=64,
                       default_initial_steps=3)
-    # min_steps 2: tier 1 [1, 3, 5, 7] -> [2, 3, 5, 7]; tier 64 [0] -> [2].
-    assert pol.tiers[0].candidates == [2, 3, 5, 7] and pol.tiers[-1].candidates == [2]
+    # States 2 3 4 6 10: tier 1 [1, 3, 5, 7] -> [2, 3, 4, 6]; tier 64 [0] -> [2].
+    assert pol.tiers[0].candidates == [2, 3, 4, 6] and pol.tiers[-1].candidates == [2]
     assert pol.steps_for(torch.arange(1)).tolist() == [3]
     assert pol.steps_for(torch.arange(64)).tolist() == [2] * 64
 

@@ -15,6 +15,8 @@ from sglang_dsde.config import (
     knob_help,
     knob_names,
     knob_type,
+    parse_knob_text,
+    state_steps_for,
 )
 
 
@@ -57,6 +59,12 @@ def test_config_is_frozen_and_replace_validates():
     ({"policy": "greedy"}, "expected one of dsde, static"),
     ({"batch_cap": "yes"}, "expected true or false"),
     ({"kmin_fraction": True}, "--dsde-kmin-fraction"),
+    ({"state_steps": [0, 11]}, "--dsde-state-steps (DSDE knob 'state_steps') = [0, 11]: "
+     "expected distinct integers in [min_steps=0, max_steps=10] (or none)"),
+    ({"policy": "dsde", "state_steps": [1, 2]}, "in [min_steps=2, max_steps=10]"),
+    ({"state_steps": [2, 2]}, "expected distinct integers"),
+    ({"state_steps": []}, "expected distinct integers"),
+    ({"state_steps": 4}, "expected distinct integers"),
 ])
 def test_each_bad_value_is_one_line_naming_knob_value_and_range(changes, expected):
     with pytest.raises(DSDEConfigError) as excinfo:
@@ -92,7 +100,7 @@ def test_every_knob_has_flag_help_and_type():
     for name in knob_names():
         assert knob_flag(name).startswith("--dsde-") and "_" not in knob_flag(name)
         assert "Default:" in knob_help(name) and "allowed:" in knob_help(name)
-        assert knob_type(name) in (int, float, bool, str)
+        assert knob_type(name) in (int, float, bool, str, tuple)
 
 
 def test_readme_knob_table_is_current():
@@ -104,3 +112,33 @@ def test_readme_knob_table_is_current():
 
     readme = (Path(__file__).resolve().parents[2] / "docs" / "knobs.md").read_text()
     assert knob_table_markdown() in readme
+
+
+def test_state_steps_default_to_at_most_seven_states_covering_the_range():
+    """One runtime state (CUDA graphs, attention backends) per value: a small set."""
+    assert DSDEConfig().state_steps == (0, 1, 2, 3, 4, 6, 10)
+    assert DSDEConfig(policy="dsde").state_steps == (2, 3, 4, 6, 10)
+    for lo in range(0, 4):
+        for hi in range(max(lo, 1), 11):
+            steps = DSDEConfig(min_steps=lo, max_steps=hi).state_steps
+            assert steps[0] == lo and steps[-1] == hi and len(steps) <= 7
+            assert list(steps) == sorted(set(steps))
+    assert DSDEConfig(max_steps=32).state_steps == (0, 1, 2, 3, 4, 6, 10, 16, 24, 32)
+    assert DSDEConfig(state_steps=[6, 0, 2]).state_steps == (0, 2, 6)  # sorted
+    # A derived set follows a new range; a given one is kept.
+    assert DSDEConfig().replace(max_steps=5).state_steps == (0, 1, 2, 3, 4, 5)
+    assert DSDEConfig(state_steps=[0, 3]).replace(window=4).state_steps == (0, 3)
+
+
+def test_the_initial_sl_always_has_a_state():
+    """SGLang builds --speculative-num-steps's state at start-up: it is runnable too."""
+    assert state_steps_for(DSDEConfig(), 5) == (0, 1, 2, 3, 4, 5, 6, 10)
+    assert state_steps_for(DSDEConfig(), 4) == DSDEConfig().state_steps
+
+
+def test_list_knob_text():
+    assert parse_knob_text("state_steps", "0,1, 2 8") == (0, 1, 2, 8)
+    assert parse_knob_text("window", "12") == 12 and parse_knob_text("batch_cap", "no") is False
+    with pytest.raises(DSDEConfigError, match="--dsde-state-steps = 'a b'"):
+        parse_knob_text("state_steps", "a b")
+    assert DSDEConfig.from_json_source('{"state_steps": [0, 4]}').state_steps == (0, 4)

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sglang_dsde.config import POLICY_CHOICES, DSDEConfig
 from sglang_dsde.core import kl_per_position, make_policy
+from sglang_dsde.core.round_cost import round_sample
 
 CORE = Path(__file__).resolve().parents[2] / "sglang_dsde" / "core"
 SYNCING_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
@@ -70,7 +71,7 @@ def test_round_path_has_no_host_sync(policy):
                                           with_draft_entropy=True)
             decision = pol.update(slots, drafted, torch.tensor([3, 4, 0]), req_kl=kl,
                                   req_temperature=temps, req_draft_entropy=entropy)
-            pol.observe_round(3, 10, 0.05)
+            pol.observe_round(round_sample(3, 10, 0.05))
         pol.reset_slots(torch.tensor([2]))
     assert audit.syncs == []
     assert decision.req_steps.shape == (3,) and decision.batch_steps.dim() == 0

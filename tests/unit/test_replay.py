@@ -124,9 +124,10 @@ def test_baseline_policies_and_knob_spellings(capsys):
     assert all(set(x["steps"].values()) == {3} for x in lines)
     assert main([str(HAND_TRACE), "--policy", "sglang_adaptive"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    # Tier 1 candidates [1, 3, 5, 7] clamped to [2, 3, 5, 7]: initial 4 is not one of them,
-    # so the middle candidate (5) is used; 5 rounds stay inside its 10-round warm-up.
-    assert all(set(x["steps"].values()) == {5} for x in lines)
+    # Tier 1 candidates [1, 3, 5, 7] snapped to the runtime states (0 1 2 3 4 6 10):
+    # [1, 3, 4, 6]; the initial 4 is one of them; 5 rounds stay inside its 10-round
+    # warm-up.
+    assert all(set(x["steps"].values()) == {4} for x in lines)
     assert main([str(HAND_TRACE), "--window", "6", "--decay", "0.5", "--no-batch-cap"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines[1] == {"round": 2, "cap": None, "steps": {"a": 7, "b": 3}}

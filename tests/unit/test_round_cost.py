@@ -10,7 +10,7 @@ import torch
 
 from sglang_dsde.core.round_cost import (MIN_SAMPLES, PRIOR_SHAPE, LinearRoundCost,
                                          OnlineRoundCost, round_feature_list, round_features,
-                                         solve_nonnegative)
+                                         round_sample, solve_nonnegative)
 
 TRUE = LinearRoundCost.from_parts(draft_step=(0.004, 0.0005), verify=(0.03, 0.002),
                                   spec=(0.006, 0.0003))
@@ -18,7 +18,7 @@ TRUE = LinearRoundCost.from_parts(draft_step=(0.004, 0.0005), verify=(0.03, 0.00
 
 def feed(model, cost, points):
     for bs, k in points:
-        model.observe(bs, k, cost.round(bs, k))
+        model.observe(round_sample(bs, k, cost.round(bs, k)))
 
 
 def test_every_simulated_world_has_a_non_negative_representation():
@@ -50,7 +50,7 @@ def test_the_price_of_drafting_at_a_larger_batch_from_the_policys_own_rounds(
     for i in range(0, len(rounds), 8):  # probes: one round in 8
         rounds[i] = (4, 1 + (i // 8) % 2)
     for bs, k in rounds:
-        model.observe(bs, k, world(bs, k))
+        model.observe(round_sample(bs, k, world(bs, k)))
     predicted = model.predict(4, 2)
     for k in (1, 2):  # within 10% after ~70 rounds (the prior still pulls a little)
         assert float(predicted[k] / predicted[0]) == pytest.approx(world(4, k) / world(4, 0),
@@ -84,8 +84,8 @@ def test_a_gap_far_longer_than_a_round_is_not_learned():
     model = OnlineRoundCost("cpu")
     feed(model, TRUE, [(4, 2), (4, 3)] * MIN_SAMPLES)
     before = model.predict(4, 4).clone()
-    model.observe(4, 2, 50 * TRUE.round(4, 2))   # a prefill or an idle period in between
-    model.observe(4, 3, 0.0)                       # and a nonsensical timing
+    model.observe(round_sample(4, 2, 50 * TRUE.round(4, 2)))  # a prefill or an idle period
+    model.observe(round_sample(4, 3, 0.0))                     # and a nonsensical timing
     assert torch.equal(model.predict(4, 4), before)
 
 
@@ -95,7 +95,7 @@ def test_coefficients_stay_non_negative_when_the_data_would_want_less():
     model = OnlineRoundCost("cpu")
     for bs in (1, 2, 4, 8) * 10:
         for k in (1, 2, 3):
-            model.observe(bs, k, 0.05 + 0.01 * k - 0.002 * bs)
+            model.observe(round_sample(bs, k, 0.05 + 0.01 * k - 0.002 * bs))
     assert bool((model.coefs >= 0).all())
     assert torch.isfinite(model.predict(8, 3)).all()
 

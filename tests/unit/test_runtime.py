@@ -89,8 +89,11 @@ def test_slot_lifetime_resets_state_and_tracks_occupancy():
         play_round(runtime, [2, 4], 2, gen, accept_lens=torch.tensor([3, 3]))
     assert runtime.stats()["live_slots"] == 2
     assert int(runtime.policy.steps_for(slots).max()) > runtime.initial_steps
-    runtime.on_slots_freed(torch.tensor([2]))
+    runtime.on_slots_freed([2])                         # host ints, as SGLang's pool hands them
     assert runtime.stats()["live_slots"] == 1
+    # Recorded on the host; applied (staged) at the runtime's next round-path call.
+    assert int(runtime.policy.history.n_seen[2]) > 0
+    runtime.next_batch_steps(torch.tensor([4]))
     assert int(runtime.policy.steps_for(torch.tensor([2]))) == runtime.initial_steps
     assert int(runtime.policy.history.n_seen[2]) == 0
     runtime.on_slots_freed(torch.tensor([4]))
@@ -164,7 +167,7 @@ def test_a_round_of_zero_steps_keeps_its_decision_and_skips_nothing():
 def test_a_decision_below_the_runnable_floor_runs_and_is_counted_as_the_floor():
     config = DSDEConfig(policy="static", min_steps=0, initial_steps=0, max_steps=4)
     runtime = DSDERuntime(config, max_slots=4, max_rows=4, vocab_size=VOCAB, initial_steps=0,
-                          min_runnable_steps=1)
+                          runnable_steps=(1, 2, 3, 4))
     assert runtime.next_batch_steps(torch.tensor([0, 1])) == 1
     assert runtime.stats()["batch_steps_histogram"] == {"1": 1}
 
@@ -172,7 +175,7 @@ def test_a_decision_below_the_runnable_floor_runs_and_is_counted_as_the_floor():
 def test_reported_next_lengths_are_what_the_engine_will_run():
     config = DSDEConfig(policy="static", min_steps=0, initial_steps=0, max_steps=4)
     runtime = DSDERuntime(config, max_slots=4, max_rows=4, vocab_size=VOCAB, initial_steps=0,
-                          min_runnable_steps=1)
+                          runnable_steps=(1, 2, 3, 4))
     _, _, req_steps, _ = play_round(runtime, [0, 2], 1, torch.Generator().manual_seed(0))
     assert req_steps.tolist() == [1, 1]
     assert runtime.policy.steps_for(torch.tensor([0, 2])).tolist() == [0, 0]  # policy's own

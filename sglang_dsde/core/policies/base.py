@@ -10,7 +10,8 @@ SGLang's ``req_pool_indices``). A round, as the driver calls it::
     ... draft ``steps`` steps, verify ...
     decision = policy.update(slots, req_num_drafted, req_num_accepted,
                              req_kl=kl, req_temperature=temps)
-    policy.observe_round(bs, steps, seconds, verified)  # the round's measured cost
+    policy.observe_round(sample)                   # the round's measured cost, a device
+                                                   # tensor [bs, steps, seconds, verified]
     ... when requests finish or abort:
     policy.reset_slots(finished_slots)
 
@@ -51,7 +52,8 @@ class PolicyDecision(NamedTuple):
 
     #: ``[bs]`` int64: each request's SL for its next round (capped where capping applies).
     req_steps: torch.Tensor
-    #: 0-dim int64: the batch's step count, ``max(req_steps)`` (0 for an empty batch).
+    #: 0-dim int64: the batch's step count, ``max(req_steps)`` (0 for an empty batch) unless
+    #: the policy says otherwise (goodput with a ragged verify: the runtime state it drafts).
     batch_steps: torch.Tensor
     #: 0-dim int64: the batch cap, or -1 when no request was capped or capping is off.
     cap: torch.Tensor
@@ -83,6 +85,8 @@ class SpecPolicy:
     needs_draft_entropy = False
     #: Whether the policy reads ``observe_first_entropy``.
     needs_first_entropy = False
+    #: Whether the policy reads ``observe_round`` (the engine times rounds only then).
+    needs_round_cost = False
 
     def __init__(self, cfg: DSDEConfig, *, max_slots: int, device, initial_steps: int):
         if max_slots < 1:
@@ -117,11 +121,11 @@ class SpecPolicy:
             return torch.zeros((), dtype=torch.int64, device=self.device)
         return req_steps.max()
 
-    def observe_round(self, batch_size: int, batch_steps: int, seconds: float,
-                      verified: Optional[int] = None) -> None:
-        """A measured round (host numbers): ``batch_size`` requests drafted
-        ``batch_steps``, the target verified ``verified`` of the drafted tokens (default
-        all, ``bs * steps``) and the round took ``seconds``. Default: ignored."""
+    def observe_round(self, sample: torch.Tensor) -> None:
+        """A measured round: ``sample`` = ``[batch size, steps, seconds, verified]``
+        float64 on the policy's device (``verified``: the drafted tokens the target
+        verified; ``round_cost.round_sample`` builds one from host numbers).
+        Default: ignored."""
 
     def describe(self) -> dict:
         """Server-wide learned state for humans (``/server_info``; reads the device, so
@@ -168,13 +172,15 @@ class SpecPolicy:
         obs = RoundObservation(slots, drafted, accepted, kl, is_drafted,
                                self._floats(req_temperature, (bs,)).reshape(bs), entropy,
                                bs if batch_size is None else int(batch_size))
-        req_steps, cap = self._step(obs)
+        req_steps, cap, *batch_steps = self._step(obs)
         req_steps = torch.where(finite, req_steps, self.initial_steps)
         self.req_steps[slots] = req_steps
-        return self._decision(req_steps, cap, (~finite).sum())
+        return self._decision(req_steps, cap, (~finite).sum(), *batch_steps)
 
-    def _step(self, obs: RoundObservation) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``([bs] next SL of each request, 0-dim cap or None)`` for one round."""
+    def _step(self, obs: RoundObservation) -> tuple:
+        """``([bs] next SL of each request, 0-dim cap or None)`` for one round, and
+        optionally the batch's 0-dim step count when it is not the largest SL (a ragged
+        verify drafts a runtime state that holds every request's length)."""
         raise NotImplementedError
 
     # -- helpers for subclasses -------------------------------------------------------
@@ -198,9 +204,11 @@ class SpecPolicy:
         return torch.where(is_drafted, out, 0.0)
 
     def _decision(self, req_steps: torch.Tensor, cap: Optional[torch.Tensor] = None,
-                  num_skipped: Optional[torch.Tensor] = None) -> PolicyDecision:
+                  num_skipped: Optional[torch.Tensor] = None,
+                  batch_steps: Optional[torch.Tensor] = None) -> PolicyDecision:
         zero = torch.zeros((), dtype=torch.int64, device=self.device)
-        batch_steps = req_steps.max() if req_steps.numel() else zero
+        if batch_steps is None:
+            batch_steps = req_steps.max() if req_steps.numel() else zero
         if cap is None:
             cap = torch.full((), -1, dtype=torch.int64, device=self.device)
         return PolicyDecision(req_steps, batch_steps, cap,

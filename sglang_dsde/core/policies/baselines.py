@@ -19,9 +19,11 @@
   down, step up while ``ema > c - 0.5 + up_hysteresis``; with ``ceiling_coeff > 0`` a
   move that does not go up is limited to candidates ``<= max(1, ceil(ema * coeff))``.
 
-Difference from SGLang, on purpose: candidate steps are clamped into this project's
-``[min_steps, max_steps]`` (the engine serves no SL outside it), so with the default
-``min_steps`` 2 the tiers' 0 and 1 become 2. With ``min_steps`` 0 the tiers are SGLang's.
+Difference from SGLang, on purpose: candidate steps are snapped to the step counts this
+project's engine has a runtime state for (``config.state_steps_for``: the largest not
+above the candidate, never below the smallest), so with the default ``min_steps`` 2 the
+tiers' 0 and 1 become 2, and with the default states (0 1 2 3 4 6 10) 5 and 7 become 4
+and 6. With ``state_steps`` covering SGLang's candidates the tiers are SGLang's.
 The step thresholds are monotone in the candidate index, so each walk of SGLang's loops
 equals a count of satisfied thresholds, which is how it runs here without a host sync.
 """
@@ -32,6 +34,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from ...config import state_steps_for
 from .base import RoundObservation, SpecPolicy
 
 #: SGLang 0.5.23's default tiers (``DEFAULT_ADAPTIVE_CONFIG``), restated as data.
@@ -57,9 +60,9 @@ class StaticPolicy(SpecPolicy):
 class _Tier:
     """Host-side constants of one tier; its changing state lives in device tensors."""
 
-    def __init__(self, entry: Mapping, min_steps: int, max_steps: int, initial: int):
+    def __init__(self, entry: Mapping, runnable: tuple, initial: int):
         opts = {**_TIER_DEFAULTS, **entry}
-        cands = sorted({min(max(int(c), min_steps), max_steps)
+        cands = sorted({max([s for s in runnable if s <= int(c)] or [runnable[0]])
                         for c in opts["candidate_steps"]})
         self.candidates = cands
         self.ema_alpha = float(opts["ema_alpha"])
@@ -84,8 +87,8 @@ class SGLangAdaptivePolicy(SpecPolicy):
         super().__init__(cfg, max_slots=max_slots, device=device, initial_steps=initial_steps)
         tiers = SGLANG_DEFAULT_TIERS if tiers is None else tiers
         self.tier_sizes = sorted(int(bs) for bs in tiers)
-        self.tiers = [_Tier(tiers[bs], cfg.min_steps, cfg.max_steps, initial_steps)
-                      for bs in self.tier_sizes]
+        runnable = state_steps_for(cfg, initial_steps)
+        self.tiers = [_Tier(tiers[bs], runnable, initial_steps) for bs in self.tier_sizes]
         dev = self.device
         width = max(len(t.candidates) for t in self.tiers)
         self._cands = torch.tensor([t.candidates + [t.candidates[-1]] * (width - len(t.candidates))

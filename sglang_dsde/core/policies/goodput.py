@@ -5,7 +5,7 @@ per-request bounds and a mean-based cap, turns it into an *expected number of to
 request and picks, for the whole batch, the step count with the most expected tokens per
 unit of expected round time::
 
-    K* = argmax_{K in [min_steps, max_steps]}  sum_i E_i(K) / cost(bs, K)
+    K* = argmax_{K in choices}  sum_i E_i(K) / cost(bs, K)
     E_i(K) = 1 + sum_{j < K} S_i[j]              (S: ``AcceptanceCalibration.survival``)
 
 Per request i (device tensors indexed by slot, forgotten per drafted token with ``decay``
@@ -24,9 +24,15 @@ as in the paper's weights):
 ``cost`` is ``OnlineRoundCost``, fed by ``observe_round`` with the engine's round timings.
 ``K* = 0`` (no drafting) is allowed when ``min_steps`` is 0.
 
-Exploration: every ``goodput_probe_every`` rounds the batch drafts ``K* + 1``, and half a
-period later ``K* - 1`` (within bounds); more often while few rounds were played at the
-batch's size class (1, 2, 3-4, 5-8, ...), since costs, and so ``K*``, depend on it.
+The decision is one of the step counts the engine has a runtime state for (``choices``:
+``config.state_steps_for``), and it is *held*: the server keeps its current step count
+unless another promises ``SWITCH_MARGIN`` more goodput for the batch at hand, so near-ties
+do not flip the engine's runtime state back and forth.
+
+Exploration: every ``goodput_probe_every`` rounds the batch drafts the next step count
+above ``K*``, or the next below, alternately (among the choices); more often while few
+rounds were played at the batch's size class (1, 2, 3-4, 5-8, ...), since costs, and so
+``K*``, depend on it.
 Without it the estimates would only ever see the step count they chose: the cost model
 could not tell the slope of the cost in k from its intercept, and the depth profile would
 never see the depths beyond K* (nor, at K* = 0, any acceptance at all). Near the optimum
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import torch
 
+from ...config import state_steps_for
 from ..acceptance import AcceptanceCalibration, observed_positions
 from ..round_cost import ROUND_COEFS, OnlineRoundCost
 from ..wvir import wvir
@@ -53,16 +60,24 @@ MAX_WVIR = 20.0
 #: alone; 1: the history's full log-ratio to the server's rate); docs/goodput.md has the
 #: simulator's comparison of the choices.
 HISTORY_WEIGHT = 0.5
+#: The held step count stays unless another runnable one promises this much more
+#: expected goodput (relative) for the batch at hand: near-ties do not flip the state.
+SWITCH_MARGIN = 0.03
 
 
 class GoodputPolicy(KLHistoryPolicy):
     name = "goodput"
     needs_kl = True
     needs_first_entropy = True
+    needs_round_cost = True
 
     def __init__(self, cfg, *, max_slots: int, device, initial_steps: int):
         super().__init__(cfg, max_slots=max_slots, device=device, initial_steps=initial_steps)
         dev, slots = self.device, self.max_slots
+        #: The step counts the engine can run (its pre-built states), sorted: the
+        #: decision is always one of them, and a probe moves to a neighbour among them.
+        self.choices = torch.tensor(state_steps_for(cfg, initial_steps), dtype=torch.int64,
+                                    device=dev)
         self.calibration = AcceptanceCalibration(cfg.max_steps, dev)
         self.round_cost = OnlineRoundCost(dev)
         zeros = dict(dtype=torch.float64, device=dev)
@@ -81,6 +96,10 @@ class GoodputPolicy(KLHistoryPolicy):
         #: model knows a batch size only from rounds played at it.
         self.rounds_by_bs_class = torch.zeros(_bs_class(slots) + 1, dtype=torch.int64,
                                               device=dev)
+        #: The index (into ``choices``) of the step count the server holds: it moves only
+        #: past ``SWITCH_MARGIN`` (``_held_choice``), once per verify round.
+        initial = state_steps_for(cfg, initial_steps).index(initial_steps)
+        self.held = torch.full((), initial, dtype=torch.int64, device=dev)
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         super().reset_slots(slots)
@@ -89,9 +108,8 @@ class GoodputPolicy(KLHistoryPolicy):
         self.stability[slots] = 1.0
         self.first_entropy[slots] = float("nan")
 
-    def observe_round(self, batch_size: int, batch_steps: int, seconds: float,
-                      verified=None) -> None:
-        self.round_cost.observe(batch_size, batch_steps, seconds, verified)
+    def observe_round(self, sample: torch.Tensor) -> None:
+        self.round_cost.observe(sample)
 
     def describe(self) -> dict:
         cost = self.round_cost
@@ -171,35 +189,68 @@ class GoodputPolicy(KLHistoryPolicy):
         self.first_entropy[self._ints(slots)] = req_first_entropy.to(self.device,
                                                                       torch.float64)
 
+    def _estimates(self, slots: torch.Tensor) -> tuple:
+        """``(rates [max + 1], survival, counts)`` for this batch: expected tokens per
+        unit of cost for each step count (with a ragged verify, at the best number of
+        verified positions ``counts``; else ``survival`` and ``counts`` are None)."""
+        if self.cfg.ragged_verify:
+            survival = self.survival(slots)
+            rates, counts = self.ragged_rates(survival)
+            return rates, survival, counts
+        return self.expected_rates(slots), None, None
+
+    def _held_choice(self, rates: torch.Tensor) -> torch.Tensor:
+        """0-dim index into ``choices``: the held step count, or the runnable one with the
+        most expected goodput (``rates`` over step counts) where it beats the held one by
+        more than ``SWITCH_MARGIN``."""
+        rates = rates[self.choices]
+        best = rates.argmax()
+        held = self.held
+        # (``take``: a 0-dim tensor as a Python index would read it back to the host.)
+        better = rates.take(best) > rates.take(held) * (1.0 + SWITCH_MARGIN)
+        return torch.where(better, best, held)
+
     def batch_steps_for(self, slots: torch.Tensor) -> torch.Tensor:
         slots = self._ints(slots)
         if slots.shape[0] == 0:
             return torch.zeros((), dtype=torch.int64, device=self.device)
+        rates, survival, counts = self._estimates(slots)
+        return self._decide(slots, self._held_choice(rates), survival, counts)
+
+    def _probed(self, choice: torch.Tensor, batch_size: int) -> tuple:
+        """``(choice, probe up?)``: ``choice``, or on a probe round (the first of each
+        period) a neighbour among the choices: the one above in even periods, below in
+        odd ones, the only one there is at either end. One probe a period: two
+        runtime-state switches (there and back).
+
+        The period is short while the estimates for this batch size are young (2, 3, ...
+        growing by one every 4 rounds up to the knob): the first rounds teach the slope."""
         cfg = self.cfg
-        if cfg.ragged_verify:
-            survival = self.survival(slots)
-            rates, counts = self.ragged_rates(survival)
-        else:
-            rates = self.expected_rates(slots)
-        best = rates[cfg.min_steps:].argmax() + cfg.min_steps
-        # Probe often while the estimates for this batch size are young (period 2, 3, ...
-        # growing by one every 4 rounds up to the knob): the first rounds teach the slope.
-        num_rounds = self.rounds_by_bs_class[_bs_class(int(slots.shape[0]))]
-        period = torch.clamp(2 + num_rounds // 4, max=max(cfg.goodput_probe_every, 2))
-        probe_up = torch.zeros((), dtype=torch.bool, device=self.device)
         if cfg.goodput_probe_every:
-            phase = num_rounds % period
-            probe_up = phase == 0
-            best = torch.where(probe_up, (best + 1).clamp_max(cfg.max_steps), best)
-            best = torch.where(phase == period // 2, (best - 1).clamp_min(cfg.min_steps), best)
-        if not cfg.ragged_verify:
+            num_rounds = self.rounds_by_bs_class[_bs_class(batch_size)]
+            period = torch.clamp(2 + num_rounds // 4, max=max(cfg.goodput_probe_every, 2))
+            last = self.choices.shape[0] - 1
+            up = (((num_rounds // period) % 2 == 0) | (choice == 0)) & (choice < last)
+            probe = torch.where(up, choice + 1, (choice - 1).clamp_min(0))
+            on_probe = num_rounds % period == 0
+            return torch.where(on_probe, probe, choice), on_probe & up
+        return choice, torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def _decide(self, slots: torch.Tensor, choice: torch.Tensor, survival, counts
+                ) -> torch.Tensor:
+        """The batch's step count for ``choice`` (probes applied); with a ragged verify
+        each request's length too (stored in ``req_steps``)."""
+        choice, probe_up = self._probed(choice, int(slots.shape[0]))
+        best = self.choices.take(choice)
+        if survival is None:
             return best
         # Per-request lengths for the chosen step count; a probe up lengthens every
         # request by one (the depth beyond each one's optimum is what it teaches).
         lengths = self.allocate(survival, best, counts[best.reshape(1)])
         lengths = torch.where(probe_up, (lengths + 1).clamp_max(best), lengths)
         self.req_steps[slots] = lengths
-        return lengths.max()
+        # The batch drafts the smallest state that holds every length (at most ``best``).
+        return self.choices.take((self.choices < lengths.max()).sum())
 
     # -- one verify round ------------------------------------------------------------
 
@@ -232,11 +283,14 @@ class GoodputPolicy(KLHistoryPolicy):
         values = self.history.values[slots, :self.cfg.window]
         ratio = wvir(values, age, count, self.weight_by_age, flat_value=1.0)
         self.stability[slots] = torch.where(drafted > 0, ratio, self.stability[slots])
+        # What this round taught may move the held step count (once a round).
+        rates, survival, counts = self._estimates(slots)
+        choice = self._held_choice(rates)
+        self.held = choice
         self.rounds_by_bs_class[_bs_class(bs)] += 1
-
-        steps = self.batch_steps_for(slots)
-        if self.cfg.ragged_verify:
-            return self.req_steps[slots], None
+        steps = self._decide(slots, choice, survival, counts)
+        if survival is not None:  # ragged: each request's own length; the batch's state
+            return self.req_steps[slots], None, steps
         return steps.expand(bs).clone(), None
 
 
