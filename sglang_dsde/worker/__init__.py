@@ -5,7 +5,11 @@
   DSDE``) and ``worker_factory``, which imports the worker class lazily (its base class
   imports SGLang's model stack);
 * ``v2``: ``DSDEWorkerV2``, STANDALONE's V2 worker plus DSDE's signal, policy and step
-  switching (``sglang_dsde.runtime`` does the maths).
+  switching (``sglang_dsde.runtime`` does the maths);
+* ``aligned``: ``DSDEDraftWorker``, STANDALONE's draft worker with the draft seeing each
+  token at its own position, and the catch-up extend; ``draft_sync``: where each
+  request's draft KV is valid (``sglang_dsde.draft_kv``), the catch-up's trigger, the
+  off rounds' bookkeeping; ``round_debug``: per-server round diagnostics.
 
 ``HOOKED_SYMBOLS`` lists every SGLang object this package subclasses, overrides, calls or
 wraps at run time; ``tests/integration/test_patch_symbols.py`` resolves each against the
@@ -29,6 +33,20 @@ HOOKED_SYMBOLS = (
     "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.init_cuda_graphs",
     "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.apply_runtime_state",
     "sglang.srt.speculative.adaptive_runtime_state.AdaptiveController",
+    "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.activate_step_by_batch",
+    "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2._stub_skipped_draft_extend",
+    # aligned: the draft worker's class and the methods it overrides or calls
+    "sglang.srt.speculative.standalone_worker_v2.StandaloneDraftWorker",
+    "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker.draft",
+    "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker._draft_extend_for_prefill",
+    "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker._draft_extend_for_decode",
+    "sglang.srt.mem_cache.kv_index_translator.KVIndexTranslator.plan_uniform_extend",
+    "sglang.srt.mem_cache.kv_loc_plan.KVLocPlan.bind",
+    "sglang.srt.model_executor.forward_batch_info.ForwardMode.EXTEND",
+    "sglang.srt.managers.schedule_batch.ScheduleBatch",
+    "sglang.srt.managers.schedule_batch.Req",
+    # aligned: objects of each runtime state wrapped to shift the draft loop's batch
+    "sglang.srt.speculative.eagle_draft_cuda_graph_runner.EAGLEDraftCudaGraphRunner.execute",
     # v2: objects wrapped on the running instances
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.register_on_alloc_rows",
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool._on_alloc_rows",

@@ -31,6 +31,9 @@ from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
 from sglang_dsde import args
 from sglang_dsde.runtime import DSDERuntime
+from sglang_dsde.worker.aligned import DSDEDraftWorker, wrap_draft_state
+from sglang_dsde.worker.draft_sync import DraftSync
+from sglang_dsde.worker.round_debug import RoundDebug
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,15 @@ class DSDEWorkerV2(StandaloneWorkerV2):
 
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
         super().__init__(server_args, gpu_id, nccl_port, target_worker)
+        if resolution_result(server_args, "enable_mixed_chunk"):
+            raise ValueError("DSDE: --enable-mixed-chunk is not supported (a decode "
+                             "request riding a prefill batch would skip its draft update)")
+        # The aligned draft (worker/aligned.py): the draft sees each token at its own
+        # position; STANDALONE's own worker keeps SGLang's draft worker.
+        self._draft_worker.__class__ = DSDEDraftWorker
+        self._draft_worker._dsde_owner = self
+        self.draft_sync: Optional[DraftSync] = None
+        self._debug = RoundDebug.from_env()
         self.dsde_config = args.dsde_config_of(server_args)
         self.dsde_initial_steps = self.speculative_num_steps
         cfg = self.dsde_config
@@ -107,10 +119,12 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         self._init_dsde_runtime()
         super().init_cuda_graphs()
         self._wrap_extend_graph_runner()
+        wrap_draft_state(self._draft_worker)
 
     def apply_runtime_state(self, state) -> None:
         super().apply_runtime_state(state)
         self._wrap_extend_graph_runner()
+        wrap_draft_state(self._draft_worker)
 
     def _wrap_extend_graph_runner(self) -> None:
         """A replayed draft-extend graph bypasses ``forward``: keep its output too."""
@@ -119,8 +133,9 @@ class DSDEWorkerV2(StandaloneWorkerV2):
             return
         execute, worker = runner.execute, self
 
-        def execute_recording(*a, **kw):
-            out = execute(*a, **kw)
+        def execute_recording(forward_batch, *a, **kw):
+            worker.draft_sync.mark_written(forward_batch)
+            out = execute(forward_batch, *a, **kw)
             worker._extend_output = out
             return out
 
@@ -140,9 +155,14 @@ class DSDEWorkerV2(StandaloneWorkerV2):
                                               "disable_overlap_schedule") else 1,
             min_runnable_steps=self._schedule.candidate_steps[0])
         runtime = self.dsde
+        kv_pool = self.token_to_kv_pool_allocator
+        self.draft_sync = sync = DraftSync(
+            self, max_slots, int(kv_pool.size) + 2 * int(getattr(kv_pool, "page_size", 1)) + 1,
+            self.device)
 
         def on_alloc_rows(rows):
             runtime.on_slots_allocated(torch.as_tensor(rows, dtype=torch.int64))
+            sync.on_slots_allocated(rows)
 
         if getattr(pool, "_on_alloc_rows", None) is None:
             pool.register_on_alloc_rows(on_alloc_rows)
@@ -174,6 +194,7 @@ class DSDEWorkerV2(StandaloneWorkerV2):
                                               steps=worker.speculative_num_steps)
             else:  # draft extend: rows are selected later, on this same object
                 worker._extend_output = out.logits_output
+                worker.draft_sync.mark_written(forward_batch)
             return out
 
         def draft_forward_from_step_one(forward_batch):
@@ -190,10 +211,18 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         is_decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch)
         slots = batch.req_pool_indices
         if is_decode and not batch.forward_mode.is_idle():
-            steps = self.dsde.next_batch_steps(slots)
+            steps = self._debug.steps(self.dsde.next_batch_steps(slots),
+                                      self._schedule.candidate_steps[0],
+                                      self.dsde_config.max_steps)
             self._schedule.planned_steps = steps
             # Round timing for the cost-aware policy: start to start of decode rounds.
             self.dsde.on_decode_round_start(int(slots.shape[0]), steps, time.perf_counter())
+            self.activate_step_by_batch(int(slots.shape[0]))
+            # A drafting round first brings every request's draft KV up to date (the
+            # catch-up); its outputs are the round's first drafts.
+            first_drafts = self.draft_sync.before_decode(batch, steps)
+            if first_drafts is not None:
+                self.dsde.record_first_draft(slots, first_drafts)
             self.dsde.begin_round(slots, steps)
             self._warn_skipped_once()
             if self._metrics is not None:
@@ -207,6 +236,10 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         if self._extend_output is not None and not batch.forward_mode.is_idle():
             self.dsde.record_first_draft(slots, self._extend_output.next_token_logits)
         self._extend_output = None
+        if not is_decode:
+            self.draft_sync.after_prefill(batch)
+        elif not batch.forward_mode.is_idle():
+            self._debug.after_round(self, batch, result, steps)
         return result
 
     def verify(self, batch, pp_proxy_tensors=None, grammar_barrier=None):
@@ -233,7 +266,10 @@ class DSDEWorkerV2(StandaloneWorkerV2):
 
     def dsde_stats(self) -> dict:
         """DSDE's state for ``/server_info`` (``patches/internal_state.py``)."""
-        return self.dsde.stats() if self.dsde is not None else {}
+        if self.dsde is None:
+            return {}
+        return {**self.dsde.stats(), "draft_kv": self.draft_sync.stats(),
+                **self._debug.stats()}
 
     def _warn_skipped_once(self) -> None:
         if self.dsde.num_skipped_signals and not self._warned_skipped:
