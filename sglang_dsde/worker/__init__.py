@@ -9,7 +9,8 @@
 * ``aligned``: ``DSDEDraftWorker``, STANDALONE's draft worker with the draft seeing each
   token at its own position, and the catch-up extend; ``draft_sync``: where each
   request's draft KV is valid (``sglang_dsde.draft_kv``), the catch-up's trigger, the
-  off rounds' bookkeeping; ``round_debug``: per-server round diagnostics.
+  off rounds' bookkeeping; ``off_round``: an off round's verify by a plain target decode
+  (no graphs); ``round_debug``: per-server round diagnostics.
 
 ``HOOKED_SYMBOLS`` lists every SGLang object this package subclasses, overrides, calls or
 wraps at run time; ``tests/integration/test_patch_symbols.py`` resolves each against the
@@ -45,6 +46,12 @@ HOOKED_SYMBOLS = (
     "sglang.srt.model_executor.forward_batch_info.ForwardMode.EXTEND",
     "sglang.srt.managers.schedule_batch.ScheduleBatch",
     "sglang.srt.managers.schedule_batch.Req",
+    # off_round: a plain target decode for an off round (a mixin before SGLang's worker)
+    "sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation",
+    "sglang.srt.managers.utils.GenerationBatchResult",
+    "sglang.srt.speculative.eagle_info.EagleDraftInput",
+    "sglang.srt.model_executor.forward_batch_info.ForwardMode.DECODE",
+    "sglang.srt.runtime_context.get_parallel",
     # aligned: objects of each runtime state wrapped to shift the draft loop's batch
     "sglang.srt.speculative.eagle_draft_cuda_graph_runner.EAGLEDraftCudaGraphRunner.execute",
     # v2: objects wrapped on the running instances

@@ -33,6 +33,7 @@ from sglang_dsde import args
 from sglang_dsde.runtime import DSDERuntime
 from sglang_dsde.worker.aligned import DSDEDraftWorker, wrap_draft_state
 from sglang_dsde.worker.draft_sync import DraftSync
+from sglang_dsde.worker.off_round import OffRoundDecode
 from sglang_dsde.worker.round_debug import RoundDebug
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class _HostValues:
         return self._host[index]
 
 
-class DSDEWorkerV2(StandaloneWorkerV2):
+class DSDEWorkerV2(OffRoundDecode, StandaloneWorkerV2):
     """STANDALONE's worker, plus the DSDE signal, policy and step switching."""
 
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
@@ -269,7 +270,7 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         if self.dsde is None:
             return {}
         return {**self.dsde.stats(), "draft_kv": self.draft_sync.stats(),
-                **self._debug.stats()}
+                "plain_off_rounds": self.plain_off_rounds, **self._debug.stats()}
 
     def _warn_skipped_once(self) -> None:
         if self.dsde.num_skipped_signals and not self._warned_skipped:
