@@ -30,6 +30,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from sglang_dsde.core.round_cost import catch_up_tokens
+
 #: ``valid_len`` of a current request (valid through its pending bonus token).
 CURRENT = 1 << 62
 
@@ -45,6 +47,8 @@ class DraftKVLedger:
         self.slot_behind = torch.ones(int(max_slots), dtype=torch.bool, device=self.device)
         #: Device: KV slot holds draft KV that belongs to the token the target holds there.
         self.draft_ok = torch.zeros(int(kv_slots), dtype=torch.bool, device=self.device)
+        #: Host: tokens each slot's catch-up would extend now (0: current).
+        self.gap: List[int] = [0] * int(max_slots)
         #: Host counters for ``/server_info``.
         self.catch_ups = 0
         self.catch_up_tokens = 0
@@ -56,6 +60,7 @@ class DraftKVLedger:
         """A new request took each slot: nothing of its draft KV is valid yet."""
         for s in slots:
             self.valid_len[int(s)] = 0
+            self.gap[int(s)] = 0
         if len(slots):
             self.slot_behind[torch.as_tensor(list(slots), dtype=torch.int64,
                                              device=self.device)] = True
@@ -109,6 +114,8 @@ class DraftKVLedger:
                 self.valid_len[int(s)] = j
             elif self.valid_len[int(s)] >= m or m == 0 or row in first_invalid:
                 self.valid_len[int(s)] = int(e)
+            # The pending bonus token at ``e`` (a final chunk), and any repair range.
+            self.gap[int(s)] = int(e) + 1 - min(self.valid_len[int(s)], int(e))
         if len(slots):
             self.slot_behind[torch.as_tensor(list(slots), dtype=torch.int64,
                                              device=self.device)] = True
@@ -127,10 +134,16 @@ class DraftKVLedger:
             starts.append(min(v, int(n)))
         return starts if behind else None
 
+    def pending_tokens(self, slots: Sequence[int]) -> int:
+        """Tokens a catch-up of this batch would extend now (0 when all are current): each
+        behind request's gap, and the pending bonus token of each current one."""
+        return catch_up_tokens(self.gap[int(s)] for s in slots)
+
     def on_drafting_round(self, slots: Sequence[int], rows: torch.Tensor) -> None:
         """The batch drafts this round (after its catch-up): every request is current."""
         for s in slots:
             self.valid_len[int(s)] = CURRENT
+            self.gap[int(s)] = 0
         self.slot_behind[rows.to(self.device, torch.int64)] = False
 
     def on_off_round(self, slots: Sequence[int], seq_lens: Sequence[int],
@@ -139,6 +152,7 @@ class DraftKVLedger:
         token at ``commit_locs`` (the KV slot of position ``S``). A current request is now
         valid through ``S`` only; for one already behind that slot's draft KV is invalid."""
         for s, n in zip(slots, seq_lens):
+            self.gap[int(s)] += 1
             if self.valid_len[int(s)] == CURRENT:
                 self.valid_len[int(s)] = int(n) + 1
         rows = rows.to(self.device, torch.int64)

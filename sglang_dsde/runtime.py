@@ -79,8 +79,9 @@ class DSDERuntime:
         self.last_cap = -1
         self.last_batch_steps = self.initial_steps
         self.batch_steps_histogram: dict = {}
-        #: ``(batch size, steps, host clock)`` of the decode round in flight (timing).
-        self._round_clock: Optional[Tuple[int, int, float]] = None
+        #: ``(batch size, steps, host clock, catch-up tokens)`` of the decode round in
+        #: flight (timing).
+        self._round_clock: Optional[Tuple[int, int, float, int]] = None
         #: Step counts whose first (warm-up) round has run; see ``on_decode_round_start``.
         self._warm_steps: set = set()
 
@@ -209,16 +210,18 @@ class DSDERuntime:
         # counted; they are at least lag + 1 rounds old, so reading them does not wait.
         self._read_pending(keep=self.lag_rounds + 1)
 
-    def next_batch_steps(self, slots: torch.Tensor) -> int:
+    def next_batch_steps(self, slots: torch.Tensor, pending_catch_up: float = 0.0) -> int:
         """The step count for a batch about to draft (the round's one host read).
 
         Without lag: the policy's batch decision (``batch_steps_for``: by default the
         largest current SL over the batch; new requests count with the initial SL). With
         ``lag_rounds`` = 1: the previous round's decision. Clamped into
         ``[min_runnable_steps, max_steps]``. A policy that reads the first draft's entropy
-        gets it here, from the distributions kept by slot.
+        gets it here, from the distributions kept by slot. ``pending_catch_up``: the
+        catch-up tokens the round pays if it drafts (``core.round_cost``).
         """
         slots = slots.to(self.device, torch.int64)
+        self.driver.observe_pending_catch_up(pending_catch_up)
         if self.policy.needs_first_entropy and slots.shape[0]:
             self.driver.observe_first_entropy(
                 slots, entropy_of_logits(self.slot_first_draft[slots]))
@@ -246,10 +249,17 @@ class DSDERuntime:
         # kernels: many times a round); as a cost sample it would make that step count
         # look expensive for hundreds of rounds, so it is not one.
         if previous is not None and previous[1] in self._warm_steps:
-            self.driver.observe_cost(previous[0], previous[1], now - previous[2])
+            self.driver.observe_cost(previous[0], previous[1], now - previous[2],
+                                     previous[3])
         if previous is not None:
             self._warm_steps.add(previous[1])
-        self._round_clock = (int(batch_size), int(steps), float(now))
+        self._round_clock = (int(batch_size), int(steps), float(now), 0)
+
+    def on_catch_up(self, tokens: int) -> None:
+        """The decode round in flight first ran a catch-up of ``tokens`` draft tokens
+        (part of its cost)."""
+        if self._round_clock is not None:
+            self._round_clock = self._round_clock[:3] + (int(tokens),)
 
     def on_other_work(self) -> None:
         """Something other than a decode round ran (a prefill, an idle period): the gap

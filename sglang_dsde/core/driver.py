@@ -7,7 +7,7 @@ One round, in this order (any caller)::
     req_steps = driver.req_steps(slots)         # [bs]: each request's own SL (for a cut)
     ... draft, verify ...
     decision = driver.observe(slots, drafted, accepted, kl=..., temperature=..., ...)
-    driver.observe_cost(bs, steps, seconds)     # the round's measured or modelled cost
+    driver.observe_cost(bs, steps, seconds, catch_up)  # the round's measured/modelled cost
     ... requests join / leave: driver.admit(slots) / driver.release(slots)
 
 ``plan`` clamps the policy's batch decision into ``[min_runnable_steps, max_steps]``
@@ -95,9 +95,15 @@ class PolicyDriver:
                                   req_temperature=temperature,
                                   req_draft_entropy=draft_entropy, batch_size=batch_size)
 
-    def observe_cost(self, batch_size: int, batch_steps: int, seconds: float) -> None:
-        """The cost of the round just played (host numbers)."""
-        self.policy.observe_round(batch_size, batch_steps, seconds)
+    def observe_cost(self, batch_size: int, batch_steps: int, seconds: float,
+                     catch_up: float = 0.0) -> None:
+        """The cost of the round just played (host numbers), which ran ``catch_up``
+        catch-up tokens before drafting (``core.round_cost``)."""
+        self.policy.observe_round(batch_size, batch_steps, seconds, catch_up)
+
+    def observe_pending_catch_up(self, tokens: float) -> None:
+        """Catch-up tokens the coming round pays if it drafts (before ``plan``)."""
+        self.policy.observe_pending_catch_up(tokens)
 
     def describe(self) -> dict:
         return self.policy.describe()

@@ -1,16 +1,19 @@
 """The one round-cost protocol: features, world models, the online model, one NNLS solver.
 
-A decode round of ``bs`` requests drafting ``k`` tokens each (``k = 0``: no draft call;
-on SGLang that state still verifies the bonus token and runs the draft extend) costs::
+A decode round of ``bs`` requests drafting ``k`` tokens each (``k = 0``: the free off, a
+target-only round: no draft forward, no draft extend), after ``g`` catch-up tokens (the
+draft extends each request's tokens it skipped while off, and the one it has not seen
+since its prefill, before the round drafts; 0 when every request is current), costs::
 
-    cost(bs, k) = k * d0                      # draft decode steps (the batch's fixed part)
-                + k * bs * d1                 # one more drafted token of one request: its
+    cost(bs, k, g) = k * d0                   # draft decode steps (the batch's fixed part)
+                   + k * bs * d1              # one more drafted token of one request: its
                                               #   draft row, verify row and extend row
-                + v0 + v1 * bs                # the round itself, and each request in it
-                + [k > 0] * (e0 + e1 * bs)    # fixed cost of a speculative round
-                + [k = 0] * n1 * bs           # the no-drafting state's own cost per request
+                   + v0 + v1 * bs             # the round itself, and each request in it
+                   + [k > 0] * (e0 + e1 * bs) # fixed cost of a speculative round
+                   + [k = 0] * n1 * bs        # an off round's own cost per request
+                   + [k > 0] * g * c1         # the catch-up: a draft extend of g tokens
 
-``round_feature_list`` gives the seven features; every cost model of the project speaks
+``round_feature_list`` gives the eight features; every cost model of the project speaks
 this basis (``ROUND_COEFS``):
 
 * ``LinearRoundCost``: a world model (the simulator's clock, a fit of the engine's round
@@ -27,7 +30,7 @@ batch-size slope that drafting is as dear as adding requests. SGLang's no-drafti
 is its own code path and may cost more per request than the drafting states' linear trend
 says (``n1``). docs/goodput.md has the engine's measurements behind these choices.
 
-``OnlineRoundCost`` fits the seven non-negative coefficients by exponentially forgotten
+``OnlineRoundCost`` fits the eight non-negative coefficients by exponentially forgotten
 least squares on *relative* errors (each timing t weighs ``1 / t^2``, so a round of 1
 request counts as much as a round of 64), regularised toward a *prior shape* scaled to
 the data: before any timing it predicts the prior (relative units, a target decode step
@@ -35,8 +38,13 @@ the data: before any timing it predicts the prior (relative units, a target deco
 design points, so the system is always well posed (directions the policy never explores
 stay at the prior's shape times the learned scale) and does not wind up under
 forgetting. Each ``observe`` is a rank-one update plus one batched solve on the device
-(``solve_nonnegative``: the exact non-negative solution over all 128 sets of free
-coefficients; ``solve_ex``, so no host synchronisation). The argmax of tokens per unit of
+(``solve_nonnegative``: the exact non-negative solution over all 256 sets of free
+coefficients; ``solve_ex``, so no host synchronisation).
+
+The catch-up term prices resuming honestly: a batch that has been off for r rounds owes
+about ``bs * r`` catch-up tokens, paid by the first round that drafts again (the policy
+adds them to every ``k > 0`` of that decision); on a GPU a draft extend token costs
+little, on this CPU about a tenth of a decode step per 16 tokens (docs/goodput.md). The argmax of tokens per unit of
 cost does not depend on the unit, so only the shape must be right early on.
 
 A timing more than ``OUTLIER_FACTOR`` x the prediction, once ``MIN_SAMPLES`` timings were
@@ -54,51 +62,71 @@ import numpy as np
 import torch
 
 #: Coefficient names, in feature order.
-ROUND_COEFS = ("d0", "d1", "v0", "v1", "e0", "e1", "n1")
+ROUND_COEFS = ("d0", "d1", "v0", "v1", "e0", "e1", "n1", "c1")
 #: Prior shape in units of one target decode step at batch 1 (v0 + v1 ~ 1): a draft step
 #: ~ 1/8 of it, one more drafted token of a request ~ 1/20 (between a memory-bound GPU and
-#: a CPU; docs/goodput.md), a small fixed speculation overhead, and no extra cost of the
-#: no-drafting state.
-PRIOR_SHAPE = (0.12, 0.054, 0.95, 0.05, 0.08, 0.004, 0.0)
+#: a CPU; docs/goodput.md), a small fixed speculation overhead, no extra cost of an off
+#: round, and a catch-up token ~ 1/100 (a draft extend token: a draft step's weights are
+#: read once for many tokens).
+PRIOR_SHAPE = (0.12, 0.054, 0.95, 0.05, 0.08, 0.004, 0.0, 0.01)
 #: Total weight of the prior, in rounds (the data's weight tends to 1 / (1 - memory)).
 PRIOR_ROUNDS = 1.0
 #: Forgetting factor per observed round.
 MEMORY = 0.995
 OUTLIER_FACTOR = 4.0
 MIN_SAMPLES = 8
-#: Design points of the prior pseudo-observations: batch sizes x step counts (full rank).
+#: Design points of the prior pseudo-observations: (batch size, step count, catch-up
+#: tokens); batch sizes x step counts without catch-up, plus a catch-up per batch size
+#: (full rank).
 _PRIOR_BS = (1.0, 4.0, 16.0)
 _PRIOR_STEPS = (0.0, 1.0, 3.0, 8.0)
+_PRIOR_CATCH_UP = 32.0
 
 
-def round_feature_list(batch_size, batch_steps) -> list:
-    """The seven features of ``cost(bs, k)`` (module docstring), element-wise.
+def round_feature_list(batch_size, batch_steps, catch_up=0.0) -> list:
+    """The eight features of ``cost(bs, k, g)`` (module docstring), element-wise.
 
     Works on numbers, numpy arrays and torch tensors alike (operators only); the caller
     stacks them with its own library.
     """
     bs, k = batch_size, batch_steps
     spec = (k > 0) * 1.0
-    return [k * 1.0, k * bs, k * 0.0 + 1.0, bs * 1.0, spec, spec * bs, (1.0 - spec) * bs]
+    return [k * 1.0, k * bs, k * 0.0 + 1.0, bs * 1.0, spec, spec * bs, (1.0 - spec) * bs,
+            spec * catch_up]
 
 
-def round_features(batch_size, batch_steps) -> np.ndarray:
-    """``[..., 7]`` float64 features (numpy), in ``ROUND_COEFS`` order."""
+def catch_up_tokens(gaps) -> int:
+    """Tokens the catch-up extends before a drafting round, from each request's gap (the
+    tokens its draft has not seen: 1 after its prefill, one more per off round, 0 when
+    current): the gaps, plus one token of each current request once any is behind (the
+    engine catches the whole batch up in one extend, a current request re-extending its
+    pending bonus token); 0 when all are current. The one definition: the engine
+    (``draft_kv``), the simulator and the replay count the same way."""
+    gaps = [int(g) for g in gaps]
+    if not any(gaps):
+        return 0
+    return sum(g if g else 1 for g in gaps)
+
+
+def round_features(batch_size, batch_steps, catch_up=0.0) -> np.ndarray:
+    """``[..., 8]`` float64 features (numpy), in ``ROUND_COEFS`` order."""
     bs = np.asarray(batch_size, dtype=np.float64)
     k = np.asarray(batch_steps, dtype=np.float64)
-    return np.stack(round_feature_list(bs, k), axis=-1)
+    g = np.broadcast_to(np.asarray(catch_up, dtype=np.float64), np.broadcast(bs, k).shape)
+    return np.stack(round_feature_list(bs, k, g), axis=-1)
 
 
 class RoundCost(Protocol):
     """A world model of the engine's time, as the simulator's clock and the replay use it:
-    ``round(bs, k)`` one decode round, ``prefill(n)`` one request's prefill (target +
-    draft), in ``unit``; non-decreasing in ``k`` (the oracle bound relies on it)."""
+    ``round(bs, k, catch_up)`` one decode round (after ``catch_up`` catch-up tokens;
+    ignored when ``k = 0``), ``prefill(n)`` one request's prefill (target + draft), in
+    ``unit``; non-decreasing in ``k`` (the oracle bound relies on it)."""
 
     name: str
     unit: str
     kind: str
 
-    def round(self, batch_size: int, batch_steps: int) -> float: ...
+    def round(self, batch_size: int, batch_steps: int, catch_up: float = 0.0) -> float: ...
 
     def prefill(self, num_tokens: int) -> float: ...
 
@@ -142,6 +170,7 @@ class LinearRoundCost(CostModel):
     e0: float = 0.0
     e1: float = 0.0
     n1: float = 0.0
+    c1: float = 0.0
     p0: float = 0.0
     p1: float = 0.0
     kind = "linear"
@@ -155,20 +184,21 @@ class LinearRoundCost(CostModel):
 
     @classmethod
     def from_parts(cls, *, draft_step=(0.0, 0.0), verify=(0.0, 0.0), spec=(0.0, 0.0),
-                   prefill=(0.0, 0.0), **kw) -> "LinearRoundCost":
+                   prefill=(0.0, 0.0), catch_up: float = 0.0, **kw) -> "LinearRoundCost":
         """A world described by its physical parts, in this basis: a draft step of a batch
         ``draft_step[0] + draft_step[1] * bs``, a verify of ``bs * (k + 1)`` tokens
         ``verify[0] + verify[1] * bs * (k + 1)``, a speculative round's overhead
-        ``spec[0] + spec[1] * bs``; every coefficient stays >= 0."""
+        ``spec[0] + spec[1] * bs``, a catch-up token ``catch_up``; every coefficient stays
+        >= 0."""
         (d0, d1), (v0, v_tok), (e0, e1) = draft_step, verify, spec
-        return cls(d0=d0, d1=d1 + v_tok, v0=v0, v1=v_tok, e0=e0, e1=e1,
+        return cls(d0=d0, d1=d1 + v_tok, v0=v0, v1=v_tok, e0=e0, e1=e1, c1=catch_up,
                    p0=prefill[0], p1=prefill[1], **kw)
 
     def coefs(self) -> np.ndarray:
         return np.array([getattr(self, key) for key in ROUND_COEFS])
 
-    def round(self, batch_size: int, batch_steps: int) -> float:
-        return float(round_features(batch_size, batch_steps) @ self.coefs())
+    def round(self, batch_size: int, batch_steps: int, catch_up: float = 0.0) -> float:
+        return float(round_features(batch_size, batch_steps, catch_up) @ self.coefs())
 
     def prefill(self, num_tokens: int) -> float:
         return self.p0 + self.p1 * num_tokens
@@ -189,8 +219,9 @@ class OnlineRoundCost:
         self.memory = float(memory)
         f64 = dict(dtype=torch.float64, device=dev)
         self.prior = torch.tensor(prior_shape, **f64)
-        design = torch.tensor([[b, k] for b in _PRIOR_BS for k in _PRIOR_STEPS], **f64)
-        x0 = self._features(design[:, 0], design[:, 1])
+        design = torch.tensor([[b, k, 0.0] for b in _PRIOR_BS for k in _PRIOR_STEPS]
+                              + [[b, 1.0, _PRIOR_CATCH_UP] for b in _PRIOR_BS], **f64)
+        x0 = self._features(design[:, 0], design[:, 1], design[:, 2])
         # Relative pseudo-observations x0 . coefs = scale * c0: rows x0 / c0, target 1
         # (at scale s the rows are x0 / (s * c0): normal matrix / s^2, right side / s).
         rows = x0 / (x0 @ self.prior).unsqueeze(1)
@@ -208,20 +239,26 @@ class OnlineRoundCost:
         self.coefs = self.prior.clone()
 
     @staticmethod
-    def _features(batch_size: torch.Tensor, batch_steps: torch.Tensor) -> torch.Tensor:
-        return torch.stack(round_feature_list(batch_size, batch_steps), dim=-1)
+    def _features(batch_size: torch.Tensor, batch_steps: torch.Tensor,
+                  catch_up=0.0) -> torch.Tensor:
+        catch_up = torch.as_tensor(catch_up, dtype=batch_size.dtype,
+                                   device=batch_size.device).expand_as(batch_size)
+        return torch.stack(round_feature_list(batch_size, batch_steps, catch_up), dim=-1)
 
-    def predict(self, batch_size: int, max_steps: int) -> torch.Tensor:
+    def predict(self, batch_size: int, max_steps: int, catch_up: float = 0.0) -> torch.Tensor:
         """``[max_steps + 1]`` float64: predicted cost of a round of ``batch_size``
-        requests for each step count ``0 .. max_steps``."""
+        requests for each step count ``0 .. max_steps`` (the drafting ones after
+        ``catch_up`` catch-up tokens)."""
         k = torch.arange(max_steps + 1, dtype=torch.float64, device=self.device)
-        return self._features(torch.full_like(k, float(batch_size)), k) @ self.coefs
+        return self._features(torch.full_like(k, float(batch_size)), k,
+                              float(catch_up)) @ self.coefs
 
-    def observe(self, batch_size: int, batch_steps: int, seconds: float) -> None:
+    def observe(self, batch_size: int, batch_steps: int, seconds: float,
+                catch_up: float = 0.0) -> None:
         """One measured round (host numbers); updates the coefficients on the device."""
         f64 = dict(dtype=torch.float64, device=self.device)
         x = self._features(torch.tensor(float(batch_size), **f64),
-                           torch.tensor(float(batch_steps), **f64))
+                           torch.tensor(float(batch_steps), **f64), float(catch_up))
         t = torch.tensor(float(seconds), **f64)
         predicted = x @ self.coefs
         # Drop non-positive timings and outliers (a gap that held more than one round).
@@ -244,8 +281,8 @@ class OnlineRoundCost:
 def solve_nonnegative(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """argmin of ``c.G.c/2 - r.c`` over ``c >= 0`` (G positive definite), exactly.
 
-    With seven coefficients every subset of free ones can be tried at once: one batched
-    solve of 2^7 systems (the pinned coefficients' rows and columns replaced by the
+    With eight coefficients every subset of free ones can be tried at once: one batched
+    solve of 2^8 systems (the pinned coefficients' rows and columns replaced by the
     identity), then the feasible solution with the lowest objective wins. No host
     synchronisation, no iteration count to tune.
     """

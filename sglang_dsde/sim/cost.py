@@ -76,19 +76,21 @@ def cost_from_spec(spec: str, *, context: float = 1024.0) -> RoundCost:
 def fit_linear_cost(samples: Iterable[Tuple[int, int, float]],
                     prefill_samples: Iterable[Tuple[int, float]] = (), *,
                     name: str = "fitted", unit: str = "s", source: str = "") -> LinearRoundCost:
-    """Fit ``LinearRoundCost`` to ``(batch_size, batch_steps, time)`` round samples (and
-    optional ``(num_tokens, time)`` prefill samples) by non-negative least squares.
+    """Fit ``LinearRoundCost`` to ``(batch_size, batch_steps, time[, catch_up])`` round
+    samples (and optional ``(num_tokens, time)`` prefill samples) by non-negative least
+    squares (``c1`` stays 0 without catch-up samples).
 
     Samples should vary both batch size and steps, including ``batch_steps = 0``, or some
     coefficients are not identifiable (an unidentifiable one comes out 0 or absorbs its
     collinear partner). The relative RMS residual is kept in ``extra["rel_rms"]``.
     """
-    data = np.array([(b, k, s) for b, k, s in samples], dtype=np.float64).reshape(-1, 3)
+    data = np.array([(s[0], s[1], s[2], s[3] if len(s) > 3 else 0.0) for s in samples],
+                    dtype=np.float64).reshape(-1, 4)
     if data.shape[0] == 0:
         raise ValueError("fit_linear_cost: no samples")
     if np.any(data[:, 0] < 1) or np.any(data[:, 1] < 0) or np.any(data[:, 2] < 0):
         raise ValueError("fit_linear_cost: samples need batch_size >= 1, steps >= 0, time >= 0")
-    features = round_features(data[:, 0], data[:, 1])
+    features = round_features(data[:, 0], data[:, 1], data[:, 3])
     # The basis has one redundant direction (bs = [k > 0] bs + [k = 0] bs: v1, e1 and n1
     # are known only through v1 + e1 and v1 + n1); the canonical fit pins e1 or n1 at 0,
     # whichever fits better (n1 on a tie).

@@ -212,7 +212,9 @@ class DSDEWorkerV2(OffRoundDecode, StandaloneWorkerV2):
         is_decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch)
         slots = batch.req_pool_indices
         if is_decode and not batch.forward_mode.is_idle():
-            steps = self._debug.steps(self.dsde.next_batch_steps(slots),
+            pending = self.draft_sync.ledger.pending_tokens(
+                [int(r.kv.req_pool_idx) for r in batch.reqs])
+            steps = self._debug.steps(self.dsde.next_batch_steps(slots, pending),
                                       self._schedule.candidate_steps[0],
                                       self.dsde_config.max_steps)
             self._schedule.planned_steps = steps
@@ -224,6 +226,7 @@ class DSDEWorkerV2(OffRoundDecode, StandaloneWorkerV2):
             first_drafts = self.draft_sync.before_decode(batch, steps)
             if first_drafts is not None:
                 self.dsde.record_first_draft(slots, first_drafts)
+                self.dsde.on_catch_up(self.draft_sync.last_catch_up_tokens)
             self.dsde.begin_round(slots, steps)
             self._warn_skipped_once()
             if self._metrics is not None:

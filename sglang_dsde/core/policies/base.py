@@ -10,7 +10,7 @@ SGLang's ``req_pool_indices``). A round, as the driver calls it::
     ... draft ``steps`` steps, verify ...
     decision = policy.update(slots, req_num_drafted, req_num_accepted,
                              req_kl=kl, req_temperature=temps)
-    policy.observe_round(bs, steps, seconds)       # the round's measured cost
+    policy.observe_round(bs, steps, seconds, catch_up)  # the round's measured cost
     ... when requests finish or abort:
     policy.reset_slots(finished_slots)
 
@@ -117,9 +117,15 @@ class SpecPolicy:
             return torch.zeros((), dtype=torch.int64, device=self.device)
         return req_steps.max()
 
-    def observe_round(self, batch_size: int, batch_steps: int, seconds: float) -> None:
+    def observe_round(self, batch_size: int, batch_steps: int, seconds: float,
+                      catch_up: float = 0.0) -> None:
         """A measured round (host numbers): ``batch_size`` requests drafted
-        ``batch_steps`` and the round took ``seconds``. Default: ignored."""
+        ``batch_steps`` and the round took ``seconds``, after ``catch_up`` catch-up tokens
+        (``core.round_cost``). Default: ignored."""
+
+    def observe_pending_catch_up(self, tokens: float) -> None:
+        """Catch-up tokens the coming round pays if it drafts (host number: requests
+        that skipped rounds; ``core.round_cost``). Default: ignored."""
 
     def describe(self) -> dict:
         """Server-wide learned state for humans (``/server_info``; reads the device, so

@@ -22,7 +22,10 @@ as in the paper's weights):
   unlike the paper's rule (20), because here the level of the KL already sets ``p``.
 
 ``cost`` is ``OnlineRoundCost``, fed by ``observe_round`` with the engine's round timings.
-``K* = 0`` (no drafting) is allowed when ``min_steps`` is 0.
+``K* = 0`` (the free off: a target-only round) is allowed when ``min_steps`` is 0. A batch
+that was off owes its skipped tokens to the draft (the catch-up extend, paid by the first
+round that drafts again): ``observe_pending_catch_up`` tells the decision, which prices
+every ``K > 0`` with it, so resuming is weighed at what it costs.
 
 Exploration: every ``goodput_probe_every`` rounds the batch drafts ``K* + 1``, and half a
 period later ``K* - 1`` (within bounds); more often while few rounds were played at the
@@ -81,6 +84,8 @@ class GoodputPolicy(KLHistoryPolicy):
         #: model knows a batch size only from rounds played at it.
         self.rounds_by_bs_class = torch.zeros(_bs_class(slots) + 1, dtype=torch.int64,
                                               device=dev)
+        #: Catch-up tokens the coming round pays if it drafts (host number).
+        self.pending_catch_up = 0.0
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         super().reset_slots(slots)
@@ -89,8 +94,12 @@ class GoodputPolicy(KLHistoryPolicy):
         self.stability[slots] = 1.0
         self.first_entropy[slots] = float("nan")
 
-    def observe_round(self, batch_size: int, batch_steps: int, seconds: float) -> None:
-        self.round_cost.observe(batch_size, batch_steps, seconds)
+    def observe_round(self, batch_size: int, batch_steps: int, seconds: float,
+                      catch_up: float = 0.0) -> None:
+        self.round_cost.observe(batch_size, batch_steps, seconds, catch_up)
+
+    def observe_pending_catch_up(self, tokens: float) -> None:
+        self.pending_catch_up = float(tokens)
 
     def describe(self) -> dict:
         cost = self.round_cost
@@ -123,7 +132,8 @@ class GoodputPolicy(KLHistoryPolicy):
                                              HISTORY_WEIGHT)
         zero = torch.zeros(1, dtype=torch.float64, device=self.device)
         tokens = bs + torch.cat([zero, survival.sum(dim=0).cumsum(dim=0)])
-        return tokens / self.round_cost.predict(bs, cfg.max_steps).clamp_min(1e-12)
+        cost = self.round_cost.predict(bs, cfg.max_steps, self.pending_catch_up)
+        return tokens / cost.clamp_min(1e-12)
 
     def observe_first_entropy(self, slots: torch.Tensor,
                               req_first_entropy: torch.Tensor) -> None:
