@@ -109,22 +109,22 @@ def engine(args) -> int:
     draft = args.draft or target
     tok = AutoTokenizer.from_pretrained(target)
     work = _workloads(tok, args.prompts, args.code_prompts)
-    common = dict(max_total_tokens=16384, num_steps=args.steps)
-    with running_server(target, algorithm=None, **common) as server:
+    with running_server(target, algorithm=None, max_total_tokens=16384) as server:
         plain = {name: [r["output_ids"] for r in _serve(server, p, args.max_new_tokens)]
                  for name, p in work.items()}
-    contenders = [("STANDALONE", "STANDALONE", []),
-                  ("DSDE", "DSDE", ["--dsde-policy", "static", "--dsde-max-steps",
-                                    str(args.steps)])]
-    for label, algorithm, extra in contenders:
+    for steps, (label, algorithm) in ((k, c) for k in args.steps
+                                      for c in (("STANDALONE", "STANDALONE"), ("DSDE", "DSDE"))):
+        extra = (["--dsde-policy", "static", "--dsde-max-steps", str(steps)]
+                 if algorithm == "DSDE" else [])
         with running_server(target, draft_model_path=draft, algorithm=algorithm,
-                            extra_args=extra, **common) as server:
+                            extra_args=extra, max_total_tokens=16384,
+                            num_steps=steps) as server:
             for name, prompts in work.items():
                 results = _serve(server, prompts, args.max_new_tokens)
                 same = sum(r["output_ids"] == w for r, w in zip(results, plain[name]))
-                print(f"{label:10s} {name:4s} accept length {_accept_length(results):.3f} of "
-                      f"{args.steps + 1}; identical to no speculation {same}/{len(prompts)}",
-                      flush=True)
+                print(f"{label:10s} k={steps} {name:4s} accept length "
+                      f"{_accept_length(results):.3f} of {steps + 1}; identical to no "
+                      f"speculation {same}/{len(prompts)}", flush=True)
             info = server.server_info()
             dsde = next((s["dsde"] for s in info.get("internal_states", []) if "dsde" in s),
                         None)
@@ -132,7 +132,8 @@ def engine(args) -> int:
             if dsde is not None:
                 extra_text = (f"; first-draft misses {dsde['first_draft_misses']} of "
                               f"{dsde['drafted_request_rounds']} request-rounds")
-            print(f"{label:10s} /server_info accept length {server.accept_length():.3f}"
+            print(f"{label:10s} k={steps} /server_info accept length "
+                  f"{server.accept_length():.3f}"
                   f"{extra_text}", flush=True)
     return 0
 
@@ -144,7 +145,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.standalone_shift")
     ap.add_argument("--model", default=None, help="HF folder (default: the prepared target)")
     ap.add_argument("--prompts", type=int, default=len(CHAT_QUESTIONS))
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, nargs="+", default=[4],
+                    help="draft steps (--engine: one pair of servers per value)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--engine", action="store_true", help="real servers (module docstring)")
     ap.add_argument("--draft", default=None, help="--engine: draft folder (default: target)")
@@ -159,6 +161,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    args.steps = args.steps[0]
     for shifted in (False, True):
         rounds = []
         for q in CHAT_QUESTIONS[:args.prompts]:

@@ -17,6 +17,7 @@ TOUCH_POINTS = (
     "torchvision_ops",
     "sgl_kernel_standins",
     "cpu_spec_attention",
+    "cpu_spec_overlap",
     "internal_state",
     "decode_log",
 )
