@@ -241,8 +241,7 @@ class OnlineRoundCost:
     @staticmethod
     def _features(batch_size: torch.Tensor, batch_steps: torch.Tensor,
                   catch_up=0.0) -> torch.Tensor:
-        catch_up = torch.as_tensor(catch_up, dtype=batch_size.dtype,
-                                   device=batch_size.device).expand_as(batch_size)
+        # A host ``catch_up`` stays a Python number (no host-to-device copy per round).
         return torch.stack(round_feature_list(batch_size, batch_steps, catch_up), dim=-1)
 
     def predict(self, batch_size: int, max_steps: int, catch_up: float = 0.0) -> torch.Tensor:
