@@ -95,8 +95,8 @@ class DSDEConfig:
                          lo=0.0, hi=100.0, lo_open=True)
     min_steps: Optional[int] = _knob(None, "Smallest speculation length a request may get "
                                      "(SL_min); default: 2 for dsde and adaedl (the "
-                                     "paper's floor), 0 for the others (0: SGLang's "
-                                     "no-drafting state).", lo=0, hi="max_steps")
+                                     "paper's floor), 0 for the others (0: the free off, "
+                                     "a target-only round).", lo=0, hi="max_steps")
     max_steps: int = _knob(10, "Largest speculation length (SL_max); sizes the verify "
                            "buffers and the pre-built runtime states.", lo=1,
                            hi=MAX_STEPS_LIMIT)

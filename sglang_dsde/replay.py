@@ -50,7 +50,7 @@ import torch
 
 from .config import DSDEConfig, DSDEConfigError, knob_help, knob_names, knob_type
 from .core import PolicyDriver
-from .core.round_cost import round_sample
+from .core.round_cost import catch_up_tokens, round_sample
 from .trace import RoundLine, RoundTrace, Trace, TraceError, read_trace
 
 #: The closed loop's cost model when ``--cost`` is not given.
@@ -65,8 +65,11 @@ def _decision_line(round_id: int, cap: int, requests: List[str], steps: List[int
 def run_rounds(view: RoundTrace, cfg: DSDEConfig, cost=None) -> Iterator[dict]:
     """Open loop over a round view: one output dict per round (the policy runs on CPU)."""
     driver = PolicyDriver.build(cfg, max_slots=max(1, view.max_slots), device="cpu")
+    gaps = {}  # per request: tokens its draft has not seen (1 after its prefill)
     for batch in view.rounds:
         slots = torch.tensor([ln.slot for ln in batch], dtype=torch.int64)
+        pending = catch_up_tokens(gaps.setdefault(ln.request, 1) for ln in batch)
+        driver.observe_pending_catch_up(pending)
         driver.plan(slots, torch.tensor([_nan_if_none(ln.first_entropy) for ln in batch],
                                         dtype=torch.float64))
         width = max(ln.drafted for ln in batch)
@@ -84,14 +87,20 @@ def run_rounds(view: RoundTrace, cfg: DSDEConfig, cost=None) -> Iterator[dict]:
             temperature=torch.tensor([ln.temperature for ln in batch], dtype=torch.float64),
             draft_entropy=entropy)
         verified = sum(ln.drafted for ln in batch)
-        seconds = _round_seconds(batch, cost, width, verified)
+        catch_up = pending if width > 0 else 0
+        seconds = _round_seconds(batch, cost, width, verified, catch_up)
         if seconds is not None:
-            driver.observe_cost(round_sample(len(batch), width, seconds, verified))
+            driver.observe_cost(round_sample(len(batch), width, seconds, verified, catch_up))
+        for ln in batch:
+            gaps[ln.request] = 0 if width > 0 else gaps[ln.request] + 1
         yield _decision_line(batch[0].round, int(decision.cap), [ln.request for ln in batch],
                              decision.req_steps.tolist())
         done = [ln.slot for ln in batch if ln.done]
         if done:
             driver.release(torch.tensor(done, dtype=torch.int64))
+            for ln in batch:
+                if ln.done:
+                    gaps.pop(ln.request, None)
 
 
 def _nan_if_none(value: Optional[float]) -> float:
@@ -99,12 +108,12 @@ def _nan_if_none(value: Optional[float]) -> float:
 
 
 def _round_seconds(batch: List[RoundLine], cost, steps: int,
-                   verified: int) -> Optional[float]:
+                   verified: int, catch_up: int = 0) -> Optional[float]:
     """The round's cost: measured on the lines, else modelled, else unknown."""
     measured = [ln.seconds for ln in batch if ln.seconds is not None]
     if measured:
         return max(measured)
-    return cost.round(len(batch), steps, verified) if cost is not None else None
+    return cost.round(len(batch), steps, verified, catch_up) if cost is not None else None
 
 
 def run_closed_loop(trace: Trace, cfg: DSDEConfig, cost, concurrency: int) -> List[dict]:

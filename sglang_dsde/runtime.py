@@ -108,8 +108,9 @@ class DSDERuntime:
         self.last_cap = -1
         self.last_batch_steps = self.initial_steps
         self.batch_steps_histogram: dict = {}
-        #: ``(batch size, steps, host clock, verified)`` of the decode round in flight.
-        self._round_clock: Optional[tuple] = None
+        #: ``(batch size, steps, host clock, verified, catch-up tokens)`` of the decode
+        #: round in flight.
+        self._round_clock: Optional[list] = None
         #: Step counts whose first (warm-up) round has run; see ``on_decode_round_start``.
         self._warm_steps: set = set()
 
@@ -273,7 +274,7 @@ class DSDERuntime:
         # counted; they are at least lag + 1 rounds old, so reading them does not wait.
         self._read_pending(keep=self.lag_rounds + 1)
 
-    def next_batch_steps(self, slots: torch.Tensor) -> int:
+    def next_batch_steps(self, slots: torch.Tensor, pending_catch_up: float = 0.0) -> int:
         """The step count for a batch about to draft (the round's one host read).
 
         Without lag: the policy's batch decision (``batch_steps_for``: by default the
@@ -281,9 +282,12 @@ class DSDERuntime:
         ``lag_rounds`` = 1: the previous round's decision. Snapped to ``runnable_steps``
         (the largest not above it, never below the smallest). A policy that reads the
         first draft's entropy gets it here, from the distributions kept by slot.
+        ``pending_catch_up``: the catch-up tokens the round pays if it drafts (a host
+        number, the same on every TP rank; ``core.round_cost``).
         """
         slots = slots.to(self.device, torch.int64)
         self.apply_slot_events()
+        self.driver.observe_pending_catch_up(pending_catch_up)
         if self.policy.needs_first_entropy and slots.shape[0]:
             self.driver.observe_first_entropy(
                 slots, entropy_of_logits(self.slot_first_draft[slots]))
@@ -317,14 +321,21 @@ class DSDERuntime:
         if previous is not None and previous[1] in self._warm_steps and \
                 self.policy.needs_round_cost:
             sample = self._stage(round_sample_values(previous[0], previous[1],
-                                                     now - previous[2], previous[3]),
+                                                     now - previous[2], previous[3],
+                                                     previous[4]),
                                  torch.float64)
             if self.share is not None:
                 sample = self.share(sample)
             self.driver.observe_cost(sample)
         if previous is not None:
             self._warm_steps.add(previous[1])
-        self._round_clock = (int(batch_size), int(steps), float(now), verified)
+        self._round_clock = [int(batch_size), int(steps), float(now), verified, 0]
+
+    def on_catch_up(self, tokens: int) -> None:
+        """The decode round in flight first ran a catch-up of ``tokens`` draft tokens
+        (part of its cost)."""
+        if self._round_clock is not None:
+            self._round_clock[4] = int(tokens)
 
     def on_other_work(self) -> None:
         """Something other than a decode round ran (a prefill, an idle period): the gap

@@ -8,7 +8,7 @@ One round, in this order (any caller)::
     ... draft, verify ...
     decision = driver.observe(slots, drafted, accepted, kl=..., temperature=..., ...)
     driver.observe_cost(sample)                 # the round's measured or modelled cost:
-                                                #   round_cost.round_sample(bs, steps, s, T)
+                                                #   round_cost.round_sample(bs, steps, s, T, g)
     ... requests join / leave: driver.admit(slots) / driver.release(slots)
 
 ``plan`` snaps the policy's batch decision to the step counts the engine can run
@@ -117,10 +117,16 @@ class PolicyDriver:
                                   req_draft_entropy=draft_entropy, batch_size=batch_size)
 
     def observe_cost(self, sample: torch.Tensor) -> None:
-        """The cost of the round just played: ``[batch size, steps, seconds, verified]``
-        float64 on the policy's device (``verified``: the drafted tokens the target
-        verified; ``round_cost.round_sample`` from host numbers)."""
+        """The cost of the round just played: ``[batch size, steps, seconds, verified,
+        catch-up]`` float64 on the policy's device (``verified``: the drafted tokens the
+        target verified; ``catch-up``: the tokens its catch-up extended;
+        ``round_cost.round_sample`` from host numbers)."""
         self.policy.observe_round(sample)
+
+    def observe_pending_catch_up(self, tokens: float) -> None:
+        """Catch-up tokens the coming round pays if it drafts (a host number, before
+        ``plan``; ``core.round_cost.catch_up_tokens``)."""
+        self.policy.observe_pending_catch_up(tokens)
 
     def describe(self) -> dict:
         return self.policy.describe()

@@ -1,19 +1,22 @@
 """The one round-cost protocol: features, world models, the online model, one NNLS solver.
 
-A decode round of ``bs`` requests drafting ``k`` steps (``k = 0``: no draft call; on
-SGLang that state still verifies the bonus token and runs the draft extend), in which the
-target verifies ``T`` drafted tokens over the batch (``T = bs * k`` when every request
-verifies the full window; less with a per-request, ragged verify), costs::
+A decode round of ``bs`` requests drafting ``k`` steps (``k = 0``: the free off, a
+target-only round: no draft forward, no draft extend), in which the target verifies ``T``
+drafted tokens over the batch (``T = bs * k`` when every request verifies the full window;
+less with a per-request, ragged verify), after ``g`` catch-up tokens (the draft extends
+each request's tokens it skipped while off, and the one it has not seen since its
+prefill, before the round drafts; 0 when every request is current), costs::
 
-    cost(bs, k, T) = k * d0                   # draft decode steps (the batch's fixed part)
+    cost(bs, k, T, g) = k * d0                # draft decode steps (the batch's fixed part)
                    + k * bs * d1              # a drafted token of a request: its draft row
                                               #   and its extend row
                    + T * dv                   # a drafted token the target verifies
                    + v0 + v1 * bs             # the round itself, and each request in it
                    + [k > 0] * (e0 + e1 * bs) # fixed cost of a speculative round
-                   + [k = 0] * n1 * bs        # the no-drafting state's own cost per request
+                   + [k = 0] * n1 * bs        # an off round's own cost per request
+                   + [k > 0] * g * c1         # the catch-up: a draft extend of g tokens
 
-``round_feature_list`` gives the eight features; every cost model of the project speaks
+``round_feature_list`` gives the nine features; every cost model of the project speaks
 this basis (``ROUND_COEFS``):
 
 * ``LinearRoundCost``: a world model (the simulator's clock, a fit of the engine's round
@@ -30,7 +33,7 @@ batch-size slope that drafting is as dear as adding requests. SGLang's no-drafti
 is its own code path and may cost more per request than the drafting states' linear trend
 says (``n1``). docs/goodput.md has the engine's measurements behind these choices.
 
-``OnlineRoundCost`` fits the eight non-negative coefficients by exponentially forgotten
+``OnlineRoundCost`` fits the nine non-negative coefficients by exponentially forgotten
 least squares on *relative* errors (each timing t weighs ``1 / t^2``, so a round of 1
 request counts as much as a round of 64), regularised toward a *prior shape* scaled to
 the data: before any timing it predicts the prior (relative units, a target decode step
@@ -38,9 +41,14 @@ the data: before any timing it predicts the prior (relative units, a target deco
 design points, so the system is always well posed (directions the policy never explores
 stay at the prior's shape times the learned scale) and does not wind up under
 forgetting. Each ``observe`` is a rank-one update plus one batched solve on the device
-(``solve_nonnegative``: the exact non-negative solution over all 256 sets of free
+(``solve_nonnegative``: the exact non-negative solution over all 512 sets of free
 coefficients; ``solve_ex``, so no host synchronisation). Padded rounds cannot tell ``d1``
-from ``dv`` (``T = bs * k``); the prior splits them until ragged rounds teach the split. The argmax of tokens per unit of
+from ``dv`` (``T = bs * k``); the prior splits them until ragged rounds teach the split.
+
+The catch-up term prices resuming honestly: a batch that has been off for r rounds owes
+about ``bs * r`` catch-up tokens, paid by the first round that drafts again (the policy
+adds them to every ``k > 0`` of that decision); a draft extend token costs a fraction of a
+draft step (docs/goodput.md). The argmax of tokens per unit of
 cost does not depend on the unit, so only the shape must be right early on.
 
 A timing more than ``OUTLIER_FACTOR`` x the prediction, once ``MIN_SAMPLES`` timings were
@@ -58,12 +66,13 @@ import numpy as np
 import torch
 
 #: Coefficient names, in feature order.
-ROUND_COEFS = ("d0", "d1", "dv", "v0", "v1", "e0", "e1", "n1")
+ROUND_COEFS = ("d0", "d1", "dv", "v0", "v1", "e0", "e1", "n1", "c1")
 #: Prior shape in units of one target decode step at batch 1 (v0 + v1 ~ 1): a draft step
 #: ~ 1/8 of it, one more drafted token of a request ~ 1/20 (between a memory-bound GPU and
-#: a CPU; docs/goodput.md; 60% of it its verify), a small fixed speculation overhead, and
-#: no extra cost of the no-drafting state.
-PRIOR_SHAPE = (0.12, 0.022, 0.032, 0.95, 0.05, 0.08, 0.004, 0.0)
+#: a CPU; docs/goodput.md; 60% of it its verify), a small fixed speculation overhead, no
+#: extra cost of an off round, and a catch-up token ~ 1/100 (a draft extend token: a draft
+#: step's weights are read once for many tokens).
+PRIOR_SHAPE = (0.12, 0.022, 0.032, 0.95, 0.05, 0.08, 0.004, 0.0, 0.01)
 #: Total weight of the prior, in rounds (the data's weight tends to 1 / (1 - memory)).
 PRIOR_ROUNDS = 1.0
 #: Forgetting factor per observed round.
@@ -71,15 +80,18 @@ MEMORY = 0.995
 OUTLIER_FACTOR = 4.0
 MIN_SAMPLES = 8
 #: Design points of the prior pseudo-observations: batch sizes x step counts x the share
-#: of the drafted tokens verified (1: a full window; 1/2: a ragged verify): full rank.
+#: of the drafted tokens verified (1: a full window; 1/2: a ragged verify), plus a
+#: catch-up per batch size: full rank.
 _PRIOR_BS = (1.0, 4.0, 16.0)
 _PRIOR_STEPS = (0.0, 1.0, 3.0, 8.0)
 _PRIOR_VERIFIED = (1.0, 0.5)
+_PRIOR_CATCH_UP = 32.0
 
 
-def round_feature_list(batch_size, batch_steps, verified=None) -> list:
-    """The eight features of ``cost(bs, k, T)`` (module docstring), element-wise;
-    ``verified`` (``T``) defaults to ``bs * k``, every request verifying the full window.
+def round_feature_list(batch_size, batch_steps, verified=None, catch_up=0.0) -> list:
+    """The nine features of ``cost(bs, k, T, g)`` (module docstring), element-wise;
+    ``verified`` (``T``) defaults to ``bs * k``, every request verifying the full window;
+    ``catch_up`` (``g``) to 0.
 
     Works on numbers, numpy arrays and torch tensors alike (operators only); the caller
     stacks them with its own library.
@@ -88,30 +100,45 @@ def round_feature_list(batch_size, batch_steps, verified=None) -> list:
     verified = k * bs if verified is None else verified
     spec = (k > 0) * 1.0
     return [k * 1.0, k * bs, verified * 1.0, k * 0.0 + 1.0, bs * 1.0, spec, spec * bs,
-            (1.0 - spec) * bs]
+            (1.0 - spec) * bs, spec * catch_up]
 
 
-def round_features(batch_size, batch_steps, verified=None) -> np.ndarray:
-    """``[..., 8]`` float64 features (numpy), in ``ROUND_COEFS`` order."""
+def catch_up_tokens(gaps) -> int:
+    """Tokens the catch-up extends before a drafting round, from each request's gap (the
+    tokens its draft has not seen: 1 after its prefill, one more per off round, 0 when
+    current): the gaps, plus one token of each current request once any is behind (the
+    engine catches the whole batch up in one extend, a current request re-extending its
+    pending bonus token); 0 when all are current. The one definition: the engine
+    (``draft_kv``), the simulator and the replay count the same way."""
+    gaps = [int(g) for g in gaps]
+    if not any(gaps):
+        return 0
+    return sum(g if g else 1 for g in gaps)
+
+
+def round_features(batch_size, batch_steps, verified=None, catch_up=0.0) -> np.ndarray:
+    """``[..., 9]`` float64 features (numpy), in ``ROUND_COEFS`` order."""
     bs = np.asarray(batch_size, dtype=np.float64)
     k = np.asarray(batch_steps, dtype=np.float64)
     verified = None if verified is None else np.asarray(verified, dtype=np.float64)
-    return np.stack(round_feature_list(bs, k, verified), axis=-1)
+    g = np.broadcast_to(np.asarray(catch_up, dtype=np.float64), np.broadcast(bs, k).shape)
+    return np.stack(round_feature_list(bs, k, verified, g), axis=-1)
 
 
 class RoundCost(Protocol):
     """A world model of the engine's time, as the simulator's clock and the replay use it:
-    ``round(bs, k, verified)`` one decode round (``verified``: drafted tokens the target
-    verifies over the batch, default ``bs * k``), ``prefill(n)`` one request's prefill
-    (target + draft), in ``unit``; non-decreasing in ``k`` and in ``verified`` (the oracle
-    bound relies on it)."""
+    ``round(bs, k, verified, catch_up)`` one decode round (``verified``: drafted tokens
+    the target verifies over the batch, default ``bs * k``; ``catch_up``: catch-up tokens
+    extended first, ignored when ``k = 0``), ``prefill(n)`` one request's prefill (target +
+    draft), in ``unit``; non-decreasing in ``k`` and in ``verified`` (the oracle bound
+    relies on it)."""
 
     name: str
     unit: str
     kind: str
 
-    def round(self, batch_size: int, batch_steps: int,
-              verified: Optional[int] = None) -> float: ...
+    def round(self, batch_size: int, batch_steps: int, verified: Optional[int] = None,
+              catch_up: float = 0.0) -> float: ...
 
     def prefill(self, num_tokens: int) -> float: ...
 
@@ -156,6 +183,7 @@ class LinearRoundCost(CostModel):
     e0: float = 0.0
     e1: float = 0.0
     n1: float = 0.0
+    c1: float = 0.0
     p0: float = 0.0
     p1: float = 0.0
     kind = "linear"
@@ -169,21 +197,23 @@ class LinearRoundCost(CostModel):
 
     @classmethod
     def from_parts(cls, *, draft_step=(0.0, 0.0), verify=(0.0, 0.0), spec=(0.0, 0.0),
-                   prefill=(0.0, 0.0), **kw) -> "LinearRoundCost":
+                   prefill=(0.0, 0.0), catch_up: float = 0.0, **kw) -> "LinearRoundCost":
         """A world described by its physical parts, in this basis: a draft step of a batch
         ``draft_step[0] + draft_step[1] * bs``, a verify of ``bs + T`` tokens (the bonus
         token of each request and ``T`` drafted ones) ``verify[0] + verify[1] * (bs + T)``,
-        a speculative round's overhead ``spec[0] + spec[1] * bs``; all >= 0."""
+        a speculative round's overhead ``spec[0] + spec[1] * bs``, a catch-up token
+        ``catch_up``; all >= 0."""
         (d0, d1), (v0, v_tok), (e0, e1) = draft_step, verify, spec
-        return cls(d0=d0, d1=d1, dv=v_tok, v0=v0, v1=v_tok, e0=e0, e1=e1,
+        return cls(d0=d0, d1=d1, dv=v_tok, v0=v0, v1=v_tok, e0=e0, e1=e1, c1=catch_up,
                    p0=prefill[0], p1=prefill[1], **kw)
 
     def coefs(self) -> np.ndarray:
         return np.array([getattr(self, key) for key in ROUND_COEFS])
 
-    def round(self, batch_size: int, batch_steps: int,
-              verified: Optional[int] = None) -> float:
-        return float(round_features(batch_size, batch_steps, verified) @ self.coefs())
+    def round(self, batch_size: int, batch_steps: int, verified: Optional[int] = None,
+              catch_up: float = 0.0) -> float:
+        return float(round_features(batch_size, batch_steps, verified, catch_up)
+                     @ self.coefs())
 
     def prefill(self, num_tokens: int) -> float:
         return self.p0 + self.p1 * num_tokens
@@ -204,8 +234,9 @@ class OnlineRoundCost:
         self.memory = float(memory)
         f64 = dict(dtype=torch.float64, device=dev)
         self.prior = torch.tensor(prior_shape, **f64)
-        design = torch.tensor([[b, k, b * k * v] for b in _PRIOR_BS for k in _PRIOR_STEPS
-                               for v in _PRIOR_VERIFIED], **f64)
+        design = torch.tensor([[b, k, b * k * v, 0.0] for b in _PRIOR_BS for k in _PRIOR_STEPS
+                               for v in _PRIOR_VERIFIED]
+                              + [[b, 1.0, b, _PRIOR_CATCH_UP] for b in _PRIOR_BS], **f64)
         x0 = self._features(design[:, 0], design[:, 1], design[:, 2])
         # Relative pseudo-observations x0 . coefs = scale * c0: rows x0 / c0, target 1
         # (at scale s the rows are x0 / (s * c0): normal matrix / s^2, right side / s).
@@ -225,18 +256,21 @@ class OnlineRoundCost:
 
     @staticmethod
     def _features(batch_size: torch.Tensor, batch_steps: torch.Tensor,
-                  verified: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return torch.stack(round_feature_list(batch_size, batch_steps, verified), dim=-1)
+                  verified: Optional[torch.Tensor] = None, catch_up=0.0) -> torch.Tensor:
+        return torch.stack(round_feature_list(batch_size, batch_steps, verified, catch_up),
+                           dim=-1)
 
-    def predict(self, batch_size: int, max_steps: int, *,
-                unverified: bool = False) -> torch.Tensor:
+    def predict(self, batch_size: int, max_steps: int, *, unverified: bool = False,
+                catch_up: float = 0.0) -> torch.Tensor:
         """``[max_steps + 1]`` float64: predicted cost of a round of ``batch_size``
         requests for each step count ``0 .. max_steps``, every request verifying the full
         window (``unverified``: none of the drafted tokens verified; add
-        ``per_verified_token`` for each one that is)."""
+        ``per_verified_token`` for each one that is), the drafting ones after ``catch_up``
+        catch-up tokens (a host number stays a Python scalar: no host-to-device copy)."""
         k = torch.arange(max_steps + 1, dtype=torch.float64, device=self.device)
         verified = torch.zeros_like(k) if unverified else None
-        return self._features(torch.full_like(k, float(batch_size)), k, verified) @ self.coefs
+        return self._features(torch.full_like(k, float(batch_size)), k, verified,
+                              float(catch_up)) @ self.coefs
 
     @property
     def per_verified_token(self) -> torch.Tensor:
@@ -244,13 +278,14 @@ class OnlineRoundCost:
         return self.coefs[ROUND_COEFS.index("dv")]
 
     def observe(self, sample: torch.Tensor) -> None:
-        """One measured round: ``sample`` = ``[batch size, steps, seconds, verified]``
-        float64 on this model's device (``verified``: drafted tokens the target verified;
-        ``round_sample`` builds one from host numbers). A tensor, not host numbers, so the
-        engine can stage it without a host sync and share one rank's timing with the
-        others (``DSDERuntime``)."""
+        """One measured round: ``sample`` = ``[batch size, steps, seconds, verified,
+        catch-up]`` float64 on this model's device (``verified``: drafted tokens the target
+        verified; ``catch-up``: tokens the round's catch-up extended; ``round_sample``
+        builds one from host numbers). A tensor, not host numbers, so the engine can stage
+        it without a host sync and share one rank's timing with the others
+        (``DSDERuntime``)."""
         sample = sample.to(dtype=torch.float64)
-        x = self._features(sample[0], sample[1], sample[3])
+        x = self._features(sample[0], sample[1], sample[3], sample[4])
         t = sample[2]
         predicted = x @ self.coefs
         # Drop non-positive timings and outliers (a gap that held more than one round).
@@ -270,27 +305,33 @@ class OnlineRoundCost:
                                  self.coefs)
 
 
+#: Length of a cost sample: ``[batch size, steps, seconds, verified, catch-up]``.
+ROUND_SAMPLE_SIZE = 5
+
+
 def round_sample_values(batch_size: int, batch_steps: int, seconds: float,
-                        verified: Optional[int] = None) -> list:
-    """The four host numbers of a cost sample (``verified`` default: ``bs * steps``)."""
+                        verified: Optional[int] = None, catch_up: float = 0.0) -> list:
+    """The five host numbers of a cost sample (``verified`` default: ``bs * steps``)."""
     verified = batch_size * batch_steps if verified is None else verified
-    return [float(batch_size), float(batch_steps), float(seconds), float(verified)]
+    return [float(batch_size), float(batch_steps), float(seconds), float(verified),
+            float(catch_up)]
 
 
 def round_sample(batch_size: int, batch_steps: int, seconds: float,
-                 verified: Optional[int] = None, device="cpu") -> torch.Tensor:
-    """``[batch size, steps, seconds, verified]`` float64: one round's cost sample built
-    from host numbers (the simulator, the replay; on a CUDA device this is a
+                 verified: Optional[int] = None, catch_up: float = 0.0,
+                 device="cpu") -> torch.Tensor:
+    """``[batch size, steps, seconds, verified, catch-up]`` float64: one round's cost
+    sample built from host numbers (the simulator, the replay; on a CUDA device this is a
     host-to-device copy, which the engine's runtime avoids by staging)."""
-    return torch.tensor(round_sample_values(batch_size, batch_steps, seconds, verified),
-                        dtype=torch.float64, device=device)
+    return torch.tensor(round_sample_values(batch_size, batch_steps, seconds, verified,
+                                            catch_up), dtype=torch.float64, device=device)
 
 
 def solve_nonnegative(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """argmin of ``c.G.c/2 - r.c`` over ``c >= 0`` (G positive definite), exactly.
 
-    With eight coefficients every subset of free ones can be tried at once: one batched
-    solve of 2^8 systems (the pinned coefficients' rows and columns replaced by the
+    With nine coefficients every subset of free ones can be tried at once: one batched
+    solve of 2^9 systems (the pinned coefficients' rows and columns replaced by the
     identity), then the feasible solution with the lowest objective wins. No host
     synchronisation, no iteration count to tune.
     """

@@ -18,6 +18,7 @@ TOUCH_POINTS = (
     "sgl_kernel_standins",
     "cpu_spec_attention",
     "cpu_verify_sampling",
+    "cpu_spec_overlap",
     "internal_state",
     "decode_log",
     "request_validation",

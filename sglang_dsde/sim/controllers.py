@@ -12,8 +12,9 @@ Contract (``Controller``), called by ``simulator.simulate`` once per round:
   window (padded, the cut included: ``bs * batch_steps``);
 * ``observe(batch, req_drafted, req_accepted)``: after verification, before positions
   advance (so the KL rows are those of the round's positions);
-* ``observe_cost(bs, batch_steps, cost, verified)``: the round's cost (what the engine
-  would time) and the drafted tokens verified;
+* ``observe_cost(bs, batch_steps, cost, verified, catch_up)``: the round's cost (what
+  the engine would time), the drafted tokens verified and the catch-up tokens it included
+  (``pending_catch_up``);
 * ``release(slots)``: the requests in ``slots`` finished.
 
 ``PolicyController`` steps any policy of ``sglang_dsde.core`` through the core's
@@ -35,22 +36,31 @@ import torch
 
 from ..config import DSDEConfig
 from ..core import PolicyDriver
-from ..core.round_cost import round_sample
+from ..core.round_cost import catch_up_tokens, round_sample
 from .cost import RoundCost
 from ..trace import RequestTrace
 
 
 @dataclass
 class ActiveRequest:
-    """A running request: its slot, its trace, and ``pos`` output tokens already produced."""
+    """A running request: its slot, its trace, ``pos`` output tokens already produced, and
+    ``gap``: tokens its draft has not seen (the engine's aligned draft: 1 after the
+    prefill, one more per off round, 0 after a drafting round's catch-up)."""
 
     slot: int
     trace: RequestTrace
     pos: int
+    gap: int = 1
 
     @property
     def remaining(self) -> int:
         return self.trace.num_tokens - self.pos
+
+
+def pending_catch_up(batch: Sequence[ActiveRequest]) -> int:
+    """Catch-up tokens the engine extends before a drafting round of ``batch``
+    (``core.round_cost.catch_up_tokens`` of the requests' gaps)."""
+    return catch_up_tokens(r.gap for r in batch)
 
 
 class Controller:
@@ -68,8 +78,9 @@ class Controller:
         pass
 
     def observe_cost(self, batch_size: int, batch_steps: int, cost: float,
-                     verified: Optional[int] = None) -> None:
-        """The round just simulated cost ``cost`` (the engine's measured round time)."""
+                     verified: Optional[int] = None, catch_up: int = 0) -> None:
+        """The round just simulated cost ``cost`` (the engine's measured round time),
+        ``catch_up`` catch-up tokens included."""
 
     def release(self, slots: Sequence[int]) -> None:
         pass
@@ -105,6 +116,7 @@ class PolicyController(Controller):
         if all(r.trace.draft_entropy is not None for r in batch):
             first_entropy = torch.tensor([float(r.trace.draft_entropy[r.pos][0])
                                           for r in batch], dtype=torch.float64)
+        self.driver.observe_pending_catch_up(pending_catch_up(batch))
         batch_steps = int(self.driver.plan(slots, first_entropy))
         if self.ragged or self.per_request_cut:  # own SLs, within what the batch drafts
             req_steps = self.driver.req_steps(slots).clamp_max(batch_steps)
@@ -130,8 +142,9 @@ class PolicyController(Controller):
                                "steps": {r.trace.id: int(s) for r, s in
                                          zip(batch, decision.req_steps.tolist())}})
 
-    def observe_cost(self, batch_size, batch_steps, cost, verified=None):
-        self.driver.observe_cost(round_sample(batch_size, batch_steps, cost, verified))
+    def observe_cost(self, batch_size, batch_steps, cost, verified=None, catch_up=0):
+        self.driver.observe_cost(round_sample(batch_size, batch_steps, cost, verified,
+                                              catch_up))
 
     def release(self, slots):
         self.driver.release(torch.tensor(list(slots), dtype=torch.int64))
@@ -159,12 +172,12 @@ class HindsightGreedyController(Controller):
             self.name = "hindsight-ragged"
 
     def plan(self, batch):
-        bs = len(batch)
+        bs, catch_up = len(batch), pending_catch_up(batch)
         accept = np.array([min(int(r.trace.accept[r.pos]), r.remaining - 1) for r in batch])
         best_k, best_rate = 0, -1.0
         for k in range(self.max_steps + 1):
             verified = int(np.minimum(accept, k).sum()) if self.ragged else bs * k
-            rate = round_gain(batch, k) / self.cost.round(bs, k, verified)
+            rate = round_gain(batch, k) / self.cost.round(bs, k, verified, catch_up)
             if rate > best_rate * (1 + 1e-12):
                 best_k, best_rate = k, rate
         if self.ragged:

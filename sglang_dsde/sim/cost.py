@@ -75,9 +75,9 @@ def cost_from_spec(spec: str, *, context: float = 1024.0) -> RoundCost:
 
 def fit_linear_cost(samples: Iterable[Tuple], prefill_samples: Iterable[Tuple[int, float]] = (),
                     *, name: str = "fitted", unit: str = "s", source: str = "") -> LinearRoundCost:
-    """Fit ``LinearRoundCost`` to round samples ``(batch_size, batch_steps, time)`` or
-    ``(batch_size, batch_steps, time, verified)`` (and optional ``(num_tokens, time)``
-    prefill samples) by non-negative least squares.
+    """Fit ``LinearRoundCost`` to round samples ``(batch_size, batch_steps, time[,
+    verified[, catch_up]])`` (and optional ``(num_tokens, time)`` prefill samples) by
+    non-negative least squares (``c1`` stays 0 without catch-up samples).
 
     Samples should vary both batch size and steps, including ``batch_steps = 0``, or some
     coefficients are not identifiable (an unidentifiable one comes out 0 or absorbs its
@@ -88,14 +88,14 @@ def fit_linear_cost(samples: Iterable[Tuple], prefill_samples: Iterable[Tuple[in
     be told apart either: ``dv`` is pinned at 0 (a ragged verify saves nothing in that
     model: the conservative reading). The relative RMS residual is in ``extra["rel_rms"]``.
     """
-    rows = [tuple(x) + (None,) * (4 - len(x)) for x in samples]
-    data = np.array([(b, k, t, b * k if v is None else v) for b, k, t, v in rows],
-                    dtype=np.float64).reshape(-1, 4)
+    rows = [tuple(x) + (None,) * (5 - len(x)) for x in samples]
+    data = np.array([(b, k, t, b * k if v is None else v, g or 0.0) for b, k, t, v, g in rows],
+                    dtype=np.float64).reshape(-1, 5)
     if data.shape[0] == 0:
         raise ValueError("fit_linear_cost: no samples")
     if np.any(data[:, 0] < 1) or np.any(data[:, 1] < 0) or np.any(data[:, 2] < 0):
         raise ValueError("fit_linear_cost: samples need batch_size >= 1, steps >= 0, time >= 0")
-    features = round_features(data[:, 0], data[:, 1], data[:, 3])
+    features = round_features(data[:, 0], data[:, 1], data[:, 3], data[:, 4])
     padded_only = bool(np.all(data[:, 3] == data[:, 0] * data[:, 1]))
     fits = []
     for pinned in ("n1", "e1"):

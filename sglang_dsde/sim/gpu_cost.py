@@ -12,8 +12,9 @@ overheads stated as assumptions (docs/simulator.md discusses them)::
     (an untied embedding table is only gathered, never streamed whole)
     tp_sync = 2 * layers * allreduce_s   (tp > 1: two all-reduces per layer)
 
-    round(bs, k, T) = k * forward(draft, bs) + forward(target, bs + T)
+    round(bs, k, T, g) = k * forward(draft, bs) + forward(target, bs + T)
                       + [k > 0] * forward(draft, bs * (k + 1))  # draft extend
+                      + [k > 0 and g > 0] * forward(draft, g)   # catch-up extend
     (T: drafted tokens the target verifies; bs * k when every request verifies k)
     prefill(n)   = forward(target, n) + forward(draft, n)       (context 0: attention
                                                                  of a prefill ignored)
@@ -125,14 +126,16 @@ class RooflineRoundCost(CostModel):
     def _fwd(self, model: ModelSpec, num_tokens: int, batch_size: int, context: float) -> float:
         return forward_seconds(self.gpu, model, num_tokens, batch_size, context, self.tp)
 
-    def round(self, batch_size: int, batch_steps: int,
-              verified: Optional[int] = None) -> float:
+    def round(self, batch_size: int, batch_steps: int, verified: Optional[int] = None,
+              catch_up: float = 0.0) -> float:
         bs, k, ctx = batch_size, batch_steps, self.context
         verified = bs * k if verified is None else verified
         cost = self._fwd(self.target, bs + verified, bs, ctx)
         if k > 0:
             cost += k * self._fwd(self.draft, bs, bs, ctx)
             cost += self._fwd(self.draft, bs * (k + 1), bs, ctx)
+            if catch_up > 0:
+                cost += self._fwd(self.draft, int(catch_up), bs, ctx)
         return cost
 
     def prefill(self, num_tokens: int) -> float:

@@ -12,10 +12,12 @@
   the bonus token; a request stops at its recorded length). The round is charged for
   ``sum(req_drafted)`` verified drafts when the controller verifies ragged, else for
   every request's full window (``bs * batch_steps``). ``batch_steps = 0`` is a
-  plain decode step: every request advances one token. The controller observes
-  ``(req_drafted, a)`` and the KL rows at the round's positions. The round costs
-  ``cost.round(bs, batch_steps)``, which the controller observes too (the engine times
-  its rounds).
+  plain decode step (the engine's free off): every request advances one token. The
+  controller observes ``(req_drafted, a)`` and the KL rows at the round's positions. The
+  round costs ``cost.round(bs, batch_steps, verified, catch_up)``, which the controller
+  observes too (the engine times its rounds): a drafting round first pays the catch-up of
+  the tokens its requests' drafts have not seen (``controllers.pending_catch_up``: one per
+  request after its prefill, one more per off round).
 * The clock is the sum of prefill and round costs (one engine, no overlap). A request's
   latency is finish - join; TTFT is its prefill end - join; TPOT is (finish - prefill end)
   / (n - 1).
@@ -34,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .controllers import ActiveRequest, Controller
+from .controllers import ActiveRequest, Controller, pending_catch_up
 from .cost import RoundCost
 from ..trace import RequestTrace, round_line_json
 
@@ -130,8 +132,9 @@ def simulate(requests: Sequence[RequestTrace], controller: Controller, cost: Rou
         log_start.append(clock)
         verified = (int(req_drafted.sum()) if controller.ragged
                     else len(active) * batch_steps)
-        round_cost = cost.round(len(active), batch_steps, verified)
-        controller.observe_cost(len(active), batch_steps, round_cost, verified)
+        catch_up = pending_catch_up(active) if batch_steps > 0 else 0
+        round_cost = cost.round(len(active), batch_steps, verified, catch_up)
+        controller.observe_cost(len(active), batch_steps, round_cost, verified, catch_up)
         clock += round_cost
         log_bs.append(len(active))
         log_steps_arr.append(batch_steps)
@@ -143,6 +146,7 @@ def simulate(requests: Sequence[RequestTrace], controller: Controller, cost: Rou
         tokens = 0
         still, done_slots = [], []
         for req, acc in zip(active, req_accepted):
+            req.gap = 0 if batch_steps > 0 else req.gap + 1
             step = min(int(acc) + 1, req.remaining)
             req.pos += step
             tokens += step

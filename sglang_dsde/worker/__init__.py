@@ -8,7 +8,12 @@
   switching (``sglang_dsde.runtime`` does the maths);
 * ``ragged``: the ragged verify (each request verifies its own length) through SGLang's
   ``RaggedVerifyLayout``;
-* ``exact_penalties``: penalised requests verify one token per round (lossless).
+* ``exact_penalties``: penalised requests verify one token per round (lossless);
+* ``aligned``: ``DSDEDraftWorker``, STANDALONE's draft worker with the draft seeing each
+  token at its own position, and the catch-up extend; ``draft_sync``: where each
+  request's draft KV is valid (``sglang_dsde.draft_kv``), the catch-up's trigger, the
+  off rounds' bookkeeping; ``off_round``: an off round's verify by a plain target decode
+  (no graphs); ``round_debug``: per-server round diagnostics.
 
 ``HOOKED_SYMBOLS`` lists every SGLang object this package subclasses, overrides, calls or
 wraps at run time; ``tests/integration/test_patch_symbols.py`` resolves each against the
@@ -40,6 +45,23 @@ HOOKED_SYMBOLS = (
     # v2: TP ranks share rank 0's round-cost sample
     "sglang.srt.layers.dp_attention.get_dp_tp_group",
     "sglang.srt.distributed.parallel_state.GroupCoordinator.broadcast",
+    "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2.activate_step_by_batch",
+    "sglang.srt.speculative.eagle_worker_v2.EAGLEWorkerV2._stub_skipped_draft_extend",
+    # aligned: the draft worker's class and the methods it overrides or calls
+    "sglang.srt.speculative.standalone_worker_v2.StandaloneDraftWorker",
+    "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker.draft",
+    "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker._draft_extend_for_prefill",
+    "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker._draft_extend_for_decode",
+    "sglang.srt.mem_cache.kv_index_translator.KVIndexTranslator.plan_uniform_extend",
+    "sglang.srt.mem_cache.kv_loc_plan.KVLocPlan.bind",
+    "sglang.srt.model_executor.forward_batch_info.ForwardMode.EXTEND",
+    # off_round: a plain target decode for an off round (a mixin before SGLang's worker)
+    "sglang.srt.managers.utils.GenerationBatchResult",
+    "sglang.srt.speculative.eagle_info.EagleDraftInput",
+    "sglang.srt.model_executor.forward_batch_info.ForwardMode.DECODE",
+    "sglang.srt.runtime_context.get_parallel",
+    # aligned: objects of each runtime state wrapped to shift the draft loop's batch
+    "sglang.srt.speculative.eagle_draft_cuda_graph_runner.EAGLEDraftCudaGraphRunner.execute",
     # v2: objects wrapped on the running instances
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.register_on_alloc_rows",
     "sglang.srt.mem_cache.memory_pool.ReqToTokenPool._on_alloc_rows",

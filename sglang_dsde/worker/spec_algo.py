@@ -45,9 +45,14 @@ class DSDESpecAlgo(CustomSpecAlgo):
         args.handle_server_args(server_args)
 
     def resolve_max_speculative_num_draft_tokens(self, server_args: Any) -> Optional[int]:
-        """Verify width of the largest runtime state: max_steps + 1 (topk 1 chain)."""
+        """The widest window a round writes: the largest runtime state's verify width
+        (max_steps + 1, a topk 1 chain) plus one, because the aligned draft extend writes
+        one slot past the verify window (``worker/aligned.py``). It sizes the per-decode
+        KV reservation (twice this, absorbing the overlap scheduler's one-round lag of the
+        committed length) and the verify buffers; no state verifies more than
+        max_steps + 1 tokens."""
         startup = super().resolve_max_speculative_num_draft_tokens(server_args)
-        widest = args.dsde_config_of(server_args).max_steps + 1
+        widest = args.dsde_config_of(server_args).max_steps + 2
         return widest if startup is None else max(startup, widest)
 
 

@@ -39,6 +39,10 @@ from sglang_dsde import args, states
 from sglang_dsde.config import state_steps_for
 from sglang_dsde.runtime import DSDERuntime
 from sglang_dsde.worker import exact_penalties
+from sglang_dsde.worker.aligned import DSDEDraftWorker, wrap_draft_state
+from sglang_dsde.worker.draft_sync import DraftSync
+from sglang_dsde.worker.off_round import OffRoundDecode
+from sglang_dsde.worker.round_debug import RoundDebug
 
 from . import ragged
 from .ragged import RaggedVerify
@@ -137,11 +141,20 @@ def _trim_switch_entries(overrides_log: list) -> None:
         del overrides_log[i]
 
 
-class DSDEWorkerV2(StandaloneWorkerV2):
+class DSDEWorkerV2(OffRoundDecode, StandaloneWorkerV2):
     """STANDALONE's worker, plus the DSDE signal, policy and step switching."""
 
     def __init__(self, server_args, gpu_id: int, nccl_port: int, target_worker):
         super().__init__(server_args, gpu_id, nccl_port, target_worker)
+        if resolution_result(server_args, "enable_mixed_chunk"):
+            raise ValueError("DSDE: --enable-mixed-chunk is not supported (a decode "
+                             "request riding a prefill batch would skip its draft update)")
+        # The aligned draft (worker/aligned.py): the draft sees each token at its own
+        # position; STANDALONE's own worker keeps SGLang's draft worker.
+        self._draft_worker.__class__ = DSDEDraftWorker
+        self._draft_worker._dsde_owner = self
+        self.draft_sync: Optional[DraftSync] = None
+        self._debug = RoundDebug.from_env()
         self.dsde_config = args.dsde_config_of(server_args)
         cfg = self.dsde_config
         # The SL of a new request (0 allowed: SGLang's static state then has 1 step).
@@ -189,6 +202,7 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         self._init_dsde_runtime()
         super().init_cuda_graphs()
         self._wrap_extend_graph_runner()
+        wrap_draft_state(self._draft_worker)
 
     def apply_runtime_state(self, state) -> None:
         switching = state.speculative_num_steps != self.speculative_num_steps
@@ -200,6 +214,7 @@ class DSDEWorkerV2(StandaloneWorkerV2):
 
             _trim_switch_entries(get_context()._overrides_log)
         self._wrap_extend_graph_runner()
+        wrap_draft_state(self._draft_worker)
 
     def _log_states(self, graph_bs) -> None:
         """One start-up line: the runtime states and their estimated memory."""
@@ -217,8 +232,9 @@ class DSDEWorkerV2(StandaloneWorkerV2):
             return
         execute, worker = runner.execute, self
 
-        def execute_recording(*a, **kw):
-            out = execute(*a, **kw)
+        def execute_recording(forward_batch, *a, **kw):
+            worker.draft_sync.mark_written(forward_batch)
+            out = execute(forward_batch, *a, **kw)
             worker._extend_output = out
             return out
 
@@ -239,9 +255,14 @@ class DSDEWorkerV2(StandaloneWorkerV2):
             runnable_steps=self._schedule.candidate_steps,
             share=self._tp_share())
         runtime = self.dsde
+        kv_pool = self.token_to_kv_pool_allocator
+        self.draft_sync = sync = DraftSync(
+            self, max_slots, int(kv_pool.size) + 2 * int(getattr(kv_pool, "page_size", 1)) + 1,
+            self.device)
 
         def on_alloc_rows(rows):
             runtime.on_slots_allocated(rows)
+            sync.on_slots_allocated(rows)
 
         if getattr(pool, "_on_alloc_rows", None) is None:
             pool.register_on_alloc_rows(on_alloc_rows)
@@ -287,6 +308,7 @@ class DSDEWorkerV2(StandaloneWorkerV2):
                                               steps=worker.speculative_num_steps)
             else:  # draft extend: rows are selected later, on this same object
                 worker._extend_output = out.logits_output
+                worker.draft_sync.mark_written(forward_batch)
             return out
 
         def draft_forward_from_step_one(forward_batch):
@@ -303,12 +325,23 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         is_decode = not (batch.forward_mode.is_extend() or batch.is_extend_in_batch)
         slots = batch.req_pool_indices
         if is_decode and not batch.forward_mode.is_idle():
-            steps = self.dsde.next_batch_steps(slots)
+            pending = self.draft_sync.ledger.pending_tokens(
+                [int(r.kv.req_pool_idx) for r in batch.reqs])
+            steps = self._debug.steps(self.dsde.next_batch_steps(slots, pending),
+                                      self._schedule.candidate_steps[0],
+                                      self.dsde_config.max_steps)
             self._schedule.planned_steps = steps
             verified = self._plan_ragged(batch, slots, steps)
             # Round timing for the cost-aware policy: start to start of decode rounds.
             self.dsde.on_decode_round_start(int(slots.shape[0]), steps, time.perf_counter(),
                                             verified)
+            self.activate_step_by_batch(int(slots.shape[0]))
+            # A drafting round first brings every request's draft KV up to date (the
+            # catch-up); its outputs are the round's first drafts.
+            first_drafts = self.draft_sync.before_decode(batch, steps)
+            if first_drafts is not None:
+                self.dsde.record_first_draft(slots, first_drafts)
+                self.dsde.on_catch_up(self.draft_sync.last_catch_up_tokens)
             self.dsde.begin_round(slots, steps)
             self._warn_skipped_once()
             if self._metrics is not None:
@@ -322,6 +355,10 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         if self._extend_output is not None and not batch.forward_mode.is_idle():
             self.dsde.record_first_draft(slots, self._extend_output.next_token_logits)
         self._extend_output = None
+        if not is_decode:
+            self.draft_sync.after_prefill(batch)
+        elif not batch.forward_mode.is_idle():
+            self._debug.after_round(self, batch, result, steps)
         return result
 
     def _plan_ragged(self, batch, slots, steps: int) -> Optional[int]:
@@ -385,7 +422,9 @@ class DSDEWorkerV2(StandaloneWorkerV2):
         if self.dsde is None:
             return {}
         return {**self.dsde.stats(), "state_switches": self.num_state_switches,
-                "runtime_states": list(self._schedule.candidate_steps)}
+                "runtime_states": list(self._schedule.candidate_steps),
+                "draft_kv": self.draft_sync.stats(),
+                "plain_off_rounds": self.plain_off_rounds, **self._debug.stats()}
 
     def _warn_skipped_once(self) -> None:
         if self.dsde.num_skipped_signals and not self._warned_skipped:

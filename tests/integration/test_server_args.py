@@ -30,7 +30,9 @@ def test_defaults_resolve_to_a_topk1_chain(plugins_loaded, tiny_pair):
     assert resolved["speculative_eagle_topk"] == 1
     assert resolved["speculative_num_steps"] == 4
     assert resolved["speculative_num_draft_tokens"] == 5
-    assert resolved["disable_overlap_schedule"] is True  # CPU: as SGLang does for STANDALONE
+    # CPU: overlap scheduling stays on (SGLang turns it off for STANDALONE there;
+    # patches/cpu_spec_overlap.py supplies what DSDE's relay needs).
+    assert resolved["disable_overlap_schedule"] is False
     assert resolved["max_running_requests"] == 48
     assert resolved["enable_mixed_chunk"] is False
 
@@ -45,12 +47,13 @@ def test_draft_tokens_follow_steps(plugins_loaded, tiny_pair, steps):
 
 
 @pytest.mark.parametrize("max_steps", [10, 6])
-def test_max_draft_tokens_cover_the_largest_state(plugins_loaded, tiny_pair, max_steps):
+def test_max_draft_tokens_cover_the_largest_window(plugins_loaded, tiny_pair, max_steps):
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
     server_args = resolve(tiny_pair, "--dsde-max-steps", str(max_steps))
     algo = SpeculativeAlgorithm.from_string("DSDE")
-    assert algo.resolve_max_speculative_num_draft_tokens(server_args) == max_steps + 1
+    # max_steps + 1 verified tokens, plus the aligned draft extend's one slot past them.
+    assert algo.resolve_max_speculative_num_draft_tokens(server_args) == max_steps + 2
 
 
 def test_knobs_from_flags_file_and_inline_json(plugins_loaded, tiny_pair, tmp_path):

@@ -131,3 +131,27 @@ def test_nonnegative_solve_matches_an_exhaustive_reference(seed):
     assert (got >= 0).all()
     assert objective(got) <= objective(ref) + 1e-9 * (1 + abs(objective(ref)))
     assert np.allclose(got, ref, atol=1e-9)
+
+
+def test_catch_up_tokens_are_priced_only_when_the_round_drafts():
+    cost = LinearRoundCost.from_parts(draft_step=(0.1, 0.0), verify=(1.0, 0.0),
+                                      catch_up=0.01)
+    assert cost.round(2, 0, catch_up=50) == cost.round(2, 0)
+    assert cost.round(2, 1, catch_up=50) == pytest.approx(cost.round(2, 1) + 0.5)
+
+
+def test_learns_the_price_of_a_catch_up_token_from_resuming_rounds():
+    """Off runs of varying length, then a drafting round that first extends the skipped
+    tokens: the model separates that price from a drafting round's own cost."""
+    truth = LinearRoundCost.from_parts(draft_step=(0.004, 0.0005), verify=(0.03, 0.002),
+                                       spec=(0.006, 0.0003), catch_up=0.0004)
+    model = OnlineRoundCost("cpu")
+    for run in [4, 9, 16, 2, 31, 7] * 6:
+        for bs in (1, 3):
+            model.observe(round_sample(bs, 0, truth.round(bs, 0)))
+            model.observe(round_sample(bs, 2, truth.round(bs, 2, catch_up=run * bs),
+                                       catch_up=run * bs))
+            model.observe(round_sample(bs, 2, truth.round(bs, 2)))
+    for g in (0, 30, 90):
+        want = torch.tensor([truth.round(3, k, catch_up=g) for k in range(4)], dtype=torch.float64)
+        assert torch.allclose(model.predict(3, 3, catch_up=g), want, rtol=0.03)

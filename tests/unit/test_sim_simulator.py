@@ -98,3 +98,21 @@ def test_cell_rows_have_ratios_and_the_no_spec_baseline():
     assert by["oracle"]["oracle_frac"] == 1.0
     assert all(r["static_opt"] == best["contender"] for r in rows)
     assert np.isfinite([r["throughput"] for r in rows]).all()
+
+
+def test_a_drafting_round_pays_the_catch_up_of_the_tokens_its_drafts_have_not_seen():
+    """Aligned draft: one token per request after its prefill, one more per off round;
+    the simulator charges ``c1`` per catch-up token on the round that drafts."""
+    priced = LinearRoundCost.from_parts(draft_step=(0.1, 0.01), verify=(1.0, 0.05),
+                                        spec=(0.2, 0.0), prefill=(2.0, 0.01), catch_up=0.5,
+                                        name="priced", unit="u")
+    reqs = [synthetic_request(i, [False] * 6, 8) for i in ("a", "b")]
+    for k in (0, 2):
+        controller = build_controller(parse_contender(f"static:{k}"), max_steps=8,
+                                      max_slots=2, cost=UNIT)
+        free = simulate(reqs, controller, UNIT, concurrency=2).makespan
+        controller = build_controller(parse_contender(f"static:{k}"), max_steps=8,
+                                      max_slots=2, cost=UNIT)
+        paid = simulate(reqs, controller, priced, concurrency=2).makespan
+        # static 2: the first round catches both requests up (1 token each), never again.
+        assert paid - free == pytest.approx(0.0 if k == 0 else 0.5 * 2)

@@ -11,7 +11,8 @@ SGLang's ``req_pool_indices``). A round, as the driver calls it::
     decision = policy.update(slots, req_num_drafted, req_num_accepted,
                              req_kl=kl, req_temperature=temps)
     policy.observe_round(sample)                   # the round's measured cost, a device
-                                                   # tensor [bs, steps, seconds, verified]
+                                                   # tensor [bs, steps, seconds, verified,
+                                                   # catch-up]
     ... when requests finish or abort:
     policy.reset_slots(finished_slots)
 
@@ -122,10 +123,14 @@ class SpecPolicy:
         return req_steps.max()
 
     def observe_round(self, sample: torch.Tensor) -> None:
-        """A measured round: ``sample`` = ``[batch size, steps, seconds, verified]``
-        float64 on the policy's device (``verified``: the drafted tokens the target
-        verified; ``round_cost.round_sample`` builds one from host numbers).
-        Default: ignored."""
+        """A measured round: ``sample`` = ``[batch size, steps, seconds, verified,
+        catch-up]`` float64 on the policy's device (``verified``: the drafted tokens the
+        target verified; ``catch-up``: the tokens its catch-up extended;
+        ``round_cost.round_sample`` builds one from host numbers). Default: ignored."""
+
+    def observe_pending_catch_up(self, tokens: float) -> None:
+        """Catch-up tokens the coming round pays if it drafts (host number: requests
+        that skipped rounds; ``core.round_cost``). Default: ignored."""
 
     def describe(self) -> dict:
         """Server-wide learned state for humans (``/server_info``; reads the device, so

@@ -22,7 +22,10 @@ as in the paper's weights):
   unlike the paper's rule (20), because here the level of the KL already sets ``p``.
 
 ``cost`` is ``OnlineRoundCost``, fed by ``observe_round`` with the engine's round timings.
-``K* = 0`` (no drafting) is allowed when ``min_steps`` is 0.
+``K* = 0`` (the free off: a target-only round) is allowed when ``min_steps`` is 0. A batch
+that was off owes its skipped tokens to the draft (the catch-up extend, paid by the first
+round that drafts again): ``observe_pending_catch_up`` tells the decision, which prices
+every ``K > 0`` with it, so resuming is weighed at what it costs.
 
 The decision is one of the step counts the engine has a runtime state for (``choices``:
 ``config.state_steps_for``), and it is *held*: the server keeps its current step count
@@ -100,6 +103,8 @@ class GoodputPolicy(KLHistoryPolicy):
         #: past ``SWITCH_MARGIN`` (``_held_choice``), once per verify round.
         initial = state_steps_for(cfg, initial_steps).index(initial_steps)
         self.held = torch.full((), initial, dtype=torch.int64, device=dev)
+        #: Catch-up tokens the coming round pays if it drafts (host number).
+        self.pending_catch_up = 0.0
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         super().reset_slots(slots)
@@ -110,6 +115,9 @@ class GoodputPolicy(KLHistoryPolicy):
 
     def observe_round(self, sample: torch.Tensor) -> None:
         self.round_cost.observe(sample)
+
+    def observe_pending_catch_up(self, tokens: float) -> None:
+        self.pending_catch_up = float(tokens)
 
     def describe(self) -> dict:
         cost = self.round_cost
@@ -145,7 +153,8 @@ class GoodputPolicy(KLHistoryPolicy):
         bs = int(slots.shape[0])
         zero = torch.zeros(1, dtype=torch.float64, device=self.device)
         tokens = bs + torch.cat([zero, self.survival(slots).sum(dim=0).cumsum(dim=0)])
-        return tokens / self.round_cost.predict(bs, cfg.max_steps).clamp_min(1e-12)
+        cost = self.round_cost.predict(bs, cfg.max_steps, catch_up=self.pending_catch_up)
+        return tokens / cost.clamp_min(1e-12)
 
     def ragged_rates(self, survival: torch.Tensor) -> tuple:
         """Per-request lengths (a ragged verify): for each K = 0 .. max, the best expected
@@ -158,7 +167,8 @@ class GoodputPolicy(KLHistoryPolicy):
         table, here from the learned cost (``cost(bs, K, m) = base(bs, K) + dv * m``).
         """
         bs, width = survival.shape
-        base = self.round_cost.predict(bs, width, unverified=True)          # [K + 1]
+        base = self.round_cost.predict(bs, width, unverified=True,
+                                       catch_up=self.pending_catch_up)      # [K + 1]
         per_token = self.round_cost.per_verified_token.clamp_min(0.0)
         gains = _gains_by_steps(survival)                                    # [K + 1, bs*K]
         best_first = gains.sort(dim=1, descending=True).values.clamp_min(0.0)
