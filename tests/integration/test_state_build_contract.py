@@ -27,6 +27,7 @@ import pytest
 from sglang_dsde import states
 from sglang_dsde.args import dsde_config_of
 from sglang_dsde.config import state_steps_for
+from sglang_dsde.worker.aligned import wrap_draft_state
 
 GRAPH_BS = [1, 2, 4, 8, 16, 24, 32, 48]
 INITIAL = 4
@@ -35,6 +36,11 @@ INITIAL = 4
 class _GraphRunner:
     def execute(self, *args, **kwargs):
         return ("output of", self)
+
+
+class _AttnBackend:
+    def init_forward_metadata(self, forward_batch):
+        return None
 
 
 def _draft_side(worker, server_args):
@@ -61,8 +67,8 @@ def _draft_side(worker, server_args):
             raise NotImplementedError
 
         def init_attention_backend(self):
-            self.draft_attn_backend = object()
-            self.draft_extend_attn_backend = object()
+            self.draft_attn_backend = _AttnBackend()
+            self.draft_extend_attn_backend = _AttnBackend()
 
         def _capture_cuda_graphs(self):
             self.builds.append(dict(worker_steps=worker.speculative_num_steps,
@@ -103,6 +109,9 @@ def worker(plugins_loaded, tiny_pair, tmp_path):
         decode_cuda_graph_runner=None, init_new_workspace=False,
         _get_attention_backend=lambda init_new_workspace=False: object()))
     w._init_step_states()
+    # Where the draft-extend wrapper reports the slots it wrote (draft_sync.DraftSync).
+    w.draft_sync = SimpleNamespace(written=[], mark_written=lambda fb: w.draft_sync.written
+                                   .append(fb))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
                             rank=0, world_size=1)
     try:
@@ -127,6 +136,7 @@ def _start_up(w):
         cuda_graph_runner_for_draft_extend=dw.cuda_graph_runner_for_draft_extend))
     w.adaptive_controller.init_states(cuda_graph_bs=GRAPH_BS)
     w._wrap_extend_graph_runner()
+    wrap_draft_state(dw)
 
 
 def test_every_state_is_built_once_at_its_own_step_count(worker, caplog):
@@ -165,7 +175,11 @@ def test_every_switch_runs_the_state_and_keeps_the_extend_output_wrapper(worker,
             runner = dw.cuda_graph_runner_for_draft_extend
             worker._extend_output = None
             assert getattr(runner, "_dsde_wrapped", False)
-            assert runner.execute() == worker._extend_output  # its output is kept
+            assert runner.execute("batch") == worker._extend_output  # its output is kept
+            assert worker.draft_sync.written[-1] == "batch"          # and its slots
+            # the aligned draft loop's wrappers (aligned.wrap_draft_state) on this state
+            assert getattr(dw.draft_attn_backend, "_dsde_aligned", False)
+            assert getattr(dw.cuda_graph_runner, "_dsde_aligned", False)
     switches = sum(a != b for a, b in zip([INITIAL] + order, order))
     assert worker.num_state_switches == switches == len(order)
     # Nothing grows per switch: one switch entry in SGLang's overrides log, no INFO
