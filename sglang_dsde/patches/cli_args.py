@@ -26,6 +26,8 @@ catches it, so Python would print the whole stack. In the launcher process only 
 
 from __future__ import annotations
 
+from sglang_dsde.patches import register_once
+
 import argparse
 import json
 import os
@@ -51,22 +53,15 @@ HOOKED_SYMBOLS = (
 )
 _DEST_PREFIX = "dsde_"
 
-_applied = False
 
 
 def apply() -> None:
-    """Register the two parser hooks (once per process)."""
-    global _applied
-    if _applied:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(HOOKED_SYMBOLS[0], _add_dsde_flags, HookType.AFTER)
-    HookRegistry.register(HOOKED_SYMBOLS[1], _fold_dsde_flags, HookType.AROUND)
-    HookRegistry.register(HOOKED_SYMBOLS[2], _check_draft_path_first, HookType.BEFORE)
-    if _is_launcher_process():
-        sys.excepthook = _one_line_config_errors(sys.excepthook)
-    _applied = True
+    """Register the parser hooks (once per process)."""
+    if register_once(__name__, [(HOOKED_SYMBOLS[0], _add_dsde_flags, "AFTER"),
+                                (HOOKED_SYMBOLS[1], _fold_dsde_flags, "AROUND"),
+                                (HOOKED_SYMBOLS[2], _check_draft_path_first, "BEFORE")]):
+        if _is_launcher_process():
+            sys.excepthook = _one_line_config_errors(sys.excepthook)
 
 
 def _check_draft_path_first(server_args, *args, **kwargs) -> None:

@@ -44,6 +44,8 @@ sliding-window KV pool (``SWAKVPool``), cross attention and encoder models.
 
 from __future__ import annotations
 
+from sglang_dsde.patches import register_once
+
 import logging
 from dataclasses import dataclass
 from typing import List, Optional
@@ -71,7 +73,6 @@ BACKEND_NAME = "torch_native"
 _FACTORY_TARGET = "sglang.srt.speculative.draft_utils.DraftBackendFactory._create_backend"
 
 logger = logging.getLogger(__name__)
-_applied = False
 
 
 @dataclass
@@ -297,16 +298,8 @@ def _around_create_backend(original, factory, backend_name, backend_map, error_t
 
 def apply() -> None:
     """Register the backend and the draft-factory hook; only when SGLang runs on CPU."""
-    global _applied
-    if _applied:
-        return
-    from sglang.srt.utils.common import is_cpu
+    if register_once(__name__, [(_FACTORY_TARGET, _around_create_backend, "AROUND")],
+                     cpu_only=True):
+        from sglang.srt.layers.attention.attention_registry import register_attention_backend
 
-    if not is_cpu():
-        return
-    from sglang.srt.layers.attention.attention_registry import register_attention_backend
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    register_attention_backend(BACKEND_NAME)(create_backend)
-    HookRegistry.register(_FACTORY_TARGET, _around_create_backend, HookType.AROUND)
-    _applied = True
+        register_attention_backend(BACKEND_NAME)(create_backend)

@@ -14,13 +14,14 @@ the draft is poor, so the free off would otherwise cost that much against a plai
 
 from __future__ import annotations
 
+from sglang_dsde.patches import register_once
+
 SGLANG_VERSION_READ = "0.5.23"
 HOOKED_SYMBOLS = (
     "sglang.kernels.ops.speculative.gather_spec_extras.gather_spec_extras",
     "sglang.srt.managers.overlap_utils.FutureMap._resolve_spec_extras",
 )
 
-_applied = False
 
 
 def _gather_rows(buf, indices):
@@ -41,14 +42,4 @@ def _around_gather(original, indices, topk_p_buf, topk_index_buf, output_tokens_
 
 def apply() -> None:
     """Register the hook; only when SGLang runs on CPU."""
-    global _applied
-    if _applied:
-        return
-    from sglang.srt.utils.common import is_cpu
-
-    if not is_cpu():
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(HOOKED_SYMBOLS[0], _around_gather, HookType.AROUND)
-    _applied = True
+    register_once(__name__, [(HOOKED_SYMBOLS[0], _around_gather, "AROUND")], cpu_only=True)

@@ -36,6 +36,8 @@ This module, applied only when SGLang runs on CPU:
 
 from __future__ import annotations
 
+from sglang_dsde.patches import register_once
+
 import contextvars
 import copy
 import sys
@@ -64,21 +66,15 @@ HOOKED_SYMBOLS = (
 #: The real sampling info of the CPU verify in progress (set by the eagle_sample wrapper).
 _VERIFY_FILTER: contextvars.ContextVar = contextvars.ContextVar("dsde_cpu_verify_filter",
                                                                 default=None)
-_applied = False
 
 
 def apply() -> None:
     """Install the op and the two hooks; only when SGLang runs on CPU."""
-    global _applied
-    if _applied:
-        return
-    from sglang.srt.utils.common import is_cpu
-
-    if not is_cpu():
+    if not register_once(__name__, [(HOOKED_SYMBOLS[1], _sample_like_a_gpu, "AROUND"),
+                                    (HOOKED_SYMBOLS[0], _sample_like_the_cpu_sampler,
+                                     "AROUND")], cpu_only=True):
         return
     import importlib
-
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     for name in _IMPORTERS:
         # The two that eagle_sample reads are imported; another importer is patched if
@@ -89,9 +85,6 @@ def apply() -> None:
             # Not through HookRegistry: its REPLACE would also "propagate" to every
             # module attribute that is None.
             setattr(module, _OP_NAME, tree_speculative_sampling_target_only)
-    HookRegistry.register(HOOKED_SYMBOLS[1], _sample_like_a_gpu, HookType.AROUND)
-    HookRegistry.register(HOOKED_SYMBOLS[0], _sample_like_the_cpu_sampler, HookType.AROUND)
-    _applied = True
 
 
 def installed() -> bool:

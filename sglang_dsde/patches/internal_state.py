@@ -10,23 +10,18 @@ class, so instances created before the plugin loaded in a scheduler process see 
 
 from __future__ import annotations
 
+from sglang_dsde.patches import register_once
+
 SGLANG_VERSION_READ = "0.5.23"
 HOOKED_SYMBOLS = (
     "sglang.srt.managers.scheduler_components.internal_state."
     "SchedulerInternalStateController._add_speculative",
 )
 
-_applied = False
 
 
 def apply() -> None:
-    global _applied
-    if _applied:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(HOOKED_SYMBOLS[0], _add_dsde_state, HookType.AFTER)
-    _applied = True
+    register_once(__name__, [(HOOKED_SYMBOLS[0], _add_dsde_state, "AFTER")])
 
 
 def _add_dsde_state(_result, controller, state) -> None:

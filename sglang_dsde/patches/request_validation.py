@@ -21,23 +21,18 @@ or ``input_embeds`` are left alone (their ``input_ids`` may carry placeholder va
 
 from __future__ import annotations
 
+from sglang_dsde.patches import register_once
+
 SGLANG_VERSION_READ = "0.5.23"
 HOOKED_SYMBOLS = (
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
 )
 
 _MULTIMODAL_FIELDS = ("input_embeds", "image_data", "audio_data", "video_data")
-_applied = False
 
 
 def apply() -> None:
-    global _applied
-    if _applied:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(HOOKED_SYMBOLS[0], _check_token_ids, HookType.BEFORE)
-    _applied = True
+    register_once(__name__, [(HOOKED_SYMBOLS[0], _check_token_ids, "BEFORE")])
 
 
 def check_prompt_ids(input_ids, vocab_size: int) -> None:

@@ -30,6 +30,8 @@ retraction handles several.
 
 from __future__ import annotations
 
+from sglang_dsde.patches import register_once
+
 from http import HTTPStatus
 
 SGLANG_VERSION_READ = "0.5.23"
@@ -39,17 +41,10 @@ HOOKED_SYMBOLS = (
     "sglang.srt.managers.schedule_batch.Req.set_finish_with_abort",
 )
 
-_applied = False
 
 
 def apply() -> None:
-    global _applied
-    if _applied:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(HOOKED_SYMBOLS[0], _fit_decode_reserve, HookType.AROUND)
-    _applied = True
+    register_once(__name__, [(HOOKED_SYMBOLS[0], _fit_decode_reserve, "AROUND")])
 
 
 def largest_max_new_tokens(capacity: int, input_len: int, reserve: int,

@@ -33,6 +33,8 @@ For a static step count every figure is the one SGLang computes.
 
 from __future__ import annotations
 
+from sglang_dsde.patches import register_once
+
 import logging
 import re
 from typing import Optional
@@ -65,23 +67,16 @@ _ACCEPT_RATE = re.compile(r"accept rate: [0-9.]+")
 
 #: The window's accept rate while ``report_decode_stats`` runs (None otherwise).
 _pending_rate: Optional[float] = None
-_applied = False
 
 
 def apply() -> None:
-    global _applied
-    if _applied:
-        return
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(HOOKED_SYMBOLS[0], _count_proposed, HookType.AROUND)
-    HookRegistry.register(HOOKED_SYMBOLS[1], _report_true_rate, HookType.AROUND)
-    HookRegistry.register(HOOKED_SYMBOLS[2], _reset_proposed, HookType.AFTER)
-    HookRegistry.register(HOOKED_SYMBOLS[3], _gauge_true_rate, HookType.BEFORE)
-    HookRegistry.register(HOOKED_SYMBOLS[4], _request_level_key, HookType.AROUND)
-    HookRegistry.register(HOOKED_SYMBOLS[5], _per_request_true_rate, HookType.AFTER)
-    logging.getLogger(_LOGGER_MODULE).addFilter(_TrueAcceptRate())
-    _applied = True
+    if register_once(__name__, [(HOOKED_SYMBOLS[0], _count_proposed, "AROUND"),
+                                (HOOKED_SYMBOLS[1], _report_true_rate, "AROUND"),
+                                (HOOKED_SYMBOLS[2], _reset_proposed, "AFTER"),
+                                (HOOKED_SYMBOLS[3], _gauge_true_rate, "BEFORE"),
+                                (HOOKED_SYMBOLS[4], _request_level_key, "AROUND"),
+                                (HOOKED_SYMBOLS[5], _per_request_true_rate, "AFTER")]):
+        logging.getLogger(_LOGGER_MODULE).addFilter(_TrueAcceptRate())
 
 
 # -- scheduler process -----------------------------------------------------------------

@@ -40,7 +40,7 @@ SGLang's. Multimodal draft inputs are not supported (a plain LM draft reads toke
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -200,26 +200,23 @@ def wrap_draft_state(draft_worker: DSDEDraftWorker) -> None:
     """Shift the draft loop's batch where the active runtime state consumes it: the
     multi-step attention backend's metadata (eager) and the draft graph's ``execute``.
     Idempotent per object (a runtime state's objects persist across switches)."""
-    backend = draft_worker.draft_attn_backend
-    if backend is not None and not getattr(backend, "_dsde_aligned", False):
-        init = backend.init_forward_metadata
+    _align_before(draft_worker.draft_attn_backend, "init_forward_metadata", draft_worker)
+    _align_before(draft_worker.cuda_graph_runner, "execute", draft_worker)
 
-        def init_aligned(forward_batch, *a, **kw):
-            draft_worker.align_draft_batch(forward_batch)
-            return init(forward_batch, *a, **kw)
 
-        backend.init_forward_metadata = init_aligned
-        backend._dsde_aligned = True
-    runner = draft_worker.cuda_graph_runner
-    if runner is not None and not getattr(runner, "_dsde_aligned", False):
-        execute = runner.execute
+def _align_before(owner, method: str, draft_worker: DSDEDraftWorker) -> None:
+    """Wrap ``owner.method(forward_batch, ...)`` (on this object) to align the batch
+    first; once per object."""
+    if owner is None or getattr(owner, "_dsde_aligned", False):
+        return
+    original = getattr(owner, method)
 
-        def execute_aligned(forward_batch, *a, **kw):
-            draft_worker.align_draft_batch(forward_batch)
-            return execute(forward_batch, *a, **kw)
+    def aligned(forward_batch, *a, **kw):
+        draft_worker.align_draft_batch(forward_batch)
+        return original(forward_batch, *a, **kw)
 
-        runner.execute = execute_aligned
-        runner._dsde_aligned = True
+    setattr(owner, method, aligned)
+    owner._dsde_aligned = True
 
 
 def _cumsum(values: Sequence[int]) -> List[int]:

@@ -23,7 +23,7 @@ import shutil
 
 import pytest
 
-from tools.testing import TINY_PROMPTS, cpu_server_env, make_tiny_llama, running_server
+from tools.testing import TINY_PROMPTS, cpu_server_env, running_server
 
 MAX_TOTAL_TOKENS = 4096
 PATTERN = "3,0,0,2,0,0,0,0,1,3,0,3"
@@ -49,10 +49,10 @@ def noisy_draft(tiny_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_models, server_logs):
-    with running_server(tiny_models.target, algorithm=None, max_total_tokens=MAX_TOTAL_TOKENS,
-                        log_dir=server_logs) as server:
-        yield server
+def plain(plain_reference):
+    """The package's server without speculation (greedy outputs do not depend on its
+    overlap setting)."""
+    return plain_reference
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,6 @@ def test_two_tp_ranks_switch_states_together_and_stay_lossless(tiny_models, serv
                      if "dsde" in s)
     assert got == plain_outputs
     assert len(again) == 4
-    assert state["policy"] == "goodput" and state["rounds"] > 50
+    assert state["policy"] == "goodput" and state["rounds"] > 10
     assert len(state["batch_steps_histogram"]) >= 3, state   # states did switch
     assert state["state_switches"] > 0

@@ -36,12 +36,17 @@ def plain(plain_reference):
 @pytest.fixture(scope="module")
 def dsde(tiny_models, server_logs):
     """The paper's policy with a short window (SLs move within a request), the target as
-    its own draft (drafts are accepted and rejected), INFO logs for the decode lines."""
+    its own draft (drafts are accepted and rejected), INFO logs for the decode lines.
+    Without overlap scheduling, as ``plain_reference``: with it, SGLang applies penalties
+    one token late on any server, and each round's step count is decided a round ahead.
+    Every step count in range is a runtime state, so each round drafts the request's SL."""
     with running_server(tiny_models.target, draft_model_path=tiny_models.target,
                         algorithm="DSDE", num_steps=INITIAL_STEPS,
                         max_total_tokens=MAX_TOTAL_TOKENS, log_dir=server_logs,
                         extra_args=["--dsde-policy", "dsde", "--dsde-window", "4",
                                     "--dsde-max-steps", str(MAX_STEPS), "--dsde-min-steps", "1",
+                                    "--dsde-state-steps", *map(str, range(1, MAX_STEPS + 1)),
+                                    "--disable-overlap-schedule",
                                     "--enable-metrics", "--log-level", "info"]) as server:
         yield server
 
@@ -152,7 +157,10 @@ def test_a_request_at_the_kv_limit_completes_or_is_refused_up_front(plain, dsde)
     assert refused.value.status_code == 400
     fits = int(re.search(r"the largest max_new_tokens that fits is (\d+)",
                          refused.value.body).group(1))
-    reserve = 2 * (MAX_STEPS + 1)  # SGLang's per-decode reserve: 2 x the widest verify
+    # SGLang's per-decode reserve: 2 x the widest window, which the aligned draft widens
+    # by one slot (its decode draft extend writes one past the verify window).
+    reserve = 2 * (MAX_STEPS + 2)
+    assert f"the speculative decode reserve ({reserve} tokens)" in refused.value.body
     assert fits == MAX_TOTAL_TOKENS - 3750 - reserve + 1
     done = dsde.generate(input_ids=prompt, max_new_tokens=fits, ignore_eos=True)
     assert done["meta_info"]["completion_tokens"] == fits

@@ -39,7 +39,7 @@ returns the initial SL). No host synchronisation happens in ``steps_for``, ``upd
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
