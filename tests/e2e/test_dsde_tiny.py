@@ -101,8 +101,8 @@ def test_step_count_and_per_request_lengths_adapt(dsde):
 
 
 def test_ragged_verify_verifies_each_requests_own_length(plain, dsde):
-    """The default ragged verify on the CPU engine: mixed requests at once, greedy output
-    equal to the plain server's, and fewer target tokens verified than the batch's full
+    """The default ragged verify on the CPU engine: mixed requests at once (and one at a
+    time), greedy output equal to the plain server's, and fewer target tokens verified than the batch's full
     windows (the mean verify width per request below the batch's K + 1)."""
     rng = random.Random(1)
     hard = ["".join(rng.choice("qzxjkvbw{}#@!") for _ in range(30)) for _ in range(3)]
@@ -115,12 +115,16 @@ def test_ragged_verify_verifies_each_requests_own_length(plain, dsde):
             return list(pool.map(lambda a: server.generate(a[0], max_new_tokens=a[1])[
                 "output_ids"], zip(prompts, lengths)))
 
-    assert run(dsde) == run(plain)
+    want = run(plain)
+    assert run(dsde) == want                                    # C = 8
     after = _dsde_state(dsde)
     verified = after["verified_tokens"] - before["verified_tokens"]
     window = after["window_tokens"] - before["window_tokens"]
     rounds = after["request_rounds"] - before["request_rounds"]
     assert rounds > 0 and verified < window, (verified, window, rounds)
+    # C = 1: one request at a time, the same outputs
+    assert [dsde.generate(p, max_new_tokens=n)["output_ids"]
+            for p, n in zip(prompts[:3], lengths[:3])] == want[:3]
 
 
 def test_prometheus_series(dsde):
