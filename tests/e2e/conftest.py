@@ -9,6 +9,7 @@ Servers are module-scoped, so at most one module's servers live at a time, excep
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +25,25 @@ def tiny_models(tmp_path_factory):
         target=make_tiny_llama(root / "target", num_layers=2, seed=0),
         draft=make_tiny_llama(root / "draft", num_layers=1, seed=1),
     )
+
+
+@pytest.fixture(scope="session")
+def noisy_draft(tiny_models, tmp_path_factory):
+    """The target with Gaussian noise (5% of each matrix's std) on its weight matrices: a
+    draft the target accepts often, not always."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("noisy-draft") / "draft"
+    shutil.copytree(tiny_models.target, path)
+    weights_file = next(path.glob("*.safetensors"))
+    weights = load_file(weights_file)
+    gen = torch.Generator().manual_seed(1)
+    for name, w in weights.items():
+        if w.dtype.is_floating_point and w.dim() == 2:
+            weights[name] = w + 0.05 * w.std() * torch.randn(w.shape, generator=gen)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ without speculation, token for token.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import shutil
 
 import pytest
 
@@ -29,23 +28,6 @@ MAX_TOTAL_TOKENS = 4096
 PATTERN = "3,0,0,2,0,0,0,0,1,3,0,3"
 NEW_TOKENS = 40
 
-
-@pytest.fixture(scope="module")
-def noisy_draft(tiny_models, tmp_path_factory):
-    """The target with Gaussian noise (5% of each matrix's std) on its weight matrices."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path_factory.mktemp("noisy-draft") / "draft"
-    shutil.copytree(tiny_models.target, path)
-    weights_file = next(path.glob("*.safetensors"))
-    weights = load_file(weights_file)
-    gen = torch.Generator().manual_seed(1)
-    for name, w in weights.items():
-        if w.dtype.is_floating_point and w.dim() == 2:
-            weights[name] = w + 0.05 * w.std() * torch.randn(w.shape, generator=gen)
-    save_file(weights, weights_file, metadata={"format": "pt"})
-    return path
 
 
 @pytest.fixture(scope="module")

