@@ -62,3 +62,10 @@ def plain_reference(tiny_models, server_logs):
                         log_dir=server_logs,
                         extra_args=["--disable-overlap-schedule"]) as server:
         yield server
+
+
+@pytest.fixture(scope="package")
+def plain(plain_reference):
+    """``plain_reference`` under the name the DSDE modules compare with (greedy outputs do
+    not depend on its overlap setting); a module may start a ``plain`` of its own."""
+    return plain_reference

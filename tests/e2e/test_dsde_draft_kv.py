@@ -31,13 +31,6 @@ NEW_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
-def plain(plain_reference):
-    """The package's server without speculation (greedy outputs do not depend on its
-    overlap setting)."""
-    return plain_reference
-
-
-@pytest.fixture(scope="module")
 def cycling(tiny_models, noisy_draft, server_logs):
     env = cpu_server_env({"SGLANG_DSDE_STEP_PATTERN": PATTERN,
                           "SGLANG_DSDE_TRACE_FIRST_DRAFT": "1",

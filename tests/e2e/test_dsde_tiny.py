@@ -33,13 +33,6 @@ def _dsde_server(target, draft, logs, extra=()):
 
 
 @pytest.fixture(scope="module")
-def plain(plain_reference):
-    """The package's server without speculation (greedy outputs do not depend on its
-    overlap setting)."""
-    return plain_reference
-
-
-@pytest.fixture(scope="module")
 def dsde(tiny_models, noisy_draft, server_logs):
     """DSDE with a noisy copy of the target as its draft: drafts are accepted in runs of
     varying length, so SLs move (with the target as its own draft every request would

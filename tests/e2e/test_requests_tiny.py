@@ -29,11 +29,6 @@ INITIAL_STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def plain(plain_reference):
-    return plain_reference
-
-
-@pytest.fixture(scope="module")
 def dsde(tiny_models, server_logs):
     """The paper's policy with a short window (SLs move within a request), the target as
     its own draft (drafts are accepted and rejected), INFO logs for the decode lines.
