@@ -237,7 +237,7 @@ class OnlineRoundCost:
         design = torch.tensor([[b, k, b * k * v, 0.0] for b in _PRIOR_BS for k in _PRIOR_STEPS
                                for v in _PRIOR_VERIFIED]
                               + [[b, 1.0, b, _PRIOR_CATCH_UP] for b in _PRIOR_BS], **f64)
-        x0 = self._features(design[:, 0], design[:, 1], design[:, 2])
+        x0 = self._features(design[:, 0], design[:, 1], design[:, 2], design[:, 3])
         # Relative pseudo-observations x0 . coefs = scale * c0: rows x0 / c0, target 1
         # (at scale s the rows are x0 / (s * c0): normal matrix / s^2, right side / s).
         rows = x0 / (x0 @ self.prior).unsqueeze(1)

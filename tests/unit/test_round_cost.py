@@ -155,3 +155,17 @@ def test_learns_the_price_of_a_catch_up_token_from_resuming_rounds():
     for g in (0, 30, 90):
         want = torch.tensor([truth.round(3, k, catch_up=g) for k in range(4)], dtype=torch.float64)
         assert torch.allclose(model.predict(3, 3, catch_up=g), want, rtol=0.03)
+
+
+def test_the_prior_prices_a_catch_up_until_rounds_teach_it():
+    """The prior's design points include a catch-up, so after timings of rounds without
+    one the catch-up keeps the prior's share of the learned scale (it is not dropped to
+    0 for lack of data); an off round pays none of it."""
+    world = LinearRoundCost(d0=0.01, d1=0.001, dv=0.002, v0=0.04, v1=0.003, e0=0.005)
+    model = OnlineRoundCost("cpu")
+    for bs in (1, 2, 4, 8) * 10:
+        for k in (0, 1, 2, 4):
+            model.observe(round_sample(bs, k, world.round(bs, k)))
+    plain, resuming = model.predict(4, 3), model.predict(4, 3, catch_up=40)
+    assert resuming[0] == plain[0]
+    assert ((resuming[1:] - plain[1:]) > 0.01 * plain[1:]).all(), (plain, resuming)
