@@ -36,7 +36,7 @@ from sglang.srt.speculative.adaptive_runtime_state import AdaptiveController
 from sglang.srt.speculative.standalone_worker_v2 import StandaloneWorkerV2
 
 from sglang_dsde import args, states
-from sglang_dsde.config import state_steps_for
+from sglang_dsde.config import initial_steps_for, state_steps_for
 from sglang_dsde.runtime import DSDERuntime
 from sglang_dsde.worker import exact_penalties
 from sglang_dsde.worker.aligned import DSDEDraftWorker, wrap_draft_state
@@ -158,8 +158,7 @@ class DSDEWorkerV2(OffRoundDecode, StandaloneWorkerV2):
         self.dsde_config = args.dsde_config_of(server_args)
         cfg = self.dsde_config
         # The SL of a new request (0 allowed: SGLang's static state then has 1 step).
-        self.dsde_initial_steps = (self.speculative_num_steps if cfg.initial_steps is None
-                                   else cfg.initial_steps)
+        self.dsde_initial_steps = initial_steps_for(cfg, self.speculative_num_steps)
         self._init_step_states()
         #: The ragged verify (each request verifies its own length), where supported.
         self._ragged: Optional[RaggedVerify] = None
