@@ -81,11 +81,15 @@ def run_rounds(view: RoundTrace, cfg: DSDEConfig, cost=None) -> Iterator[dict]:
             kl[i, :ln.drafted] = torch.tensor(ln.kl, dtype=torch.float64)
             if entropy is not None:
                 entropy[i, :ln.drafted] = torch.tensor(ln.draft_entropy, dtype=torch.float64)
-        decision = driver.observe(
-            slots, torch.tensor([ln.drafted for ln in batch]),
-            torch.tensor([ln.accepted for ln in batch]), kl=kl,
-            temperature=torch.tensor([ln.temperature for ln in batch], dtype=torch.float64),
-            draft_entropy=entropy)
+        if width == 0:  # an off round: nothing drafted (the engine's call)
+            decision = driver.observe_off(slots)
+        else:
+            decision = driver.observe(
+                slots, torch.tensor([ln.drafted for ln in batch]),
+                torch.tensor([ln.accepted for ln in batch]), kl=kl,
+                temperature=torch.tensor([ln.temperature for ln in batch],
+                                         dtype=torch.float64),
+                draft_entropy=entropy)
         verified = sum(ln.drafted for ln in batch)
         catch_up = pending if width > 0 else 0
         seconds = _round_seconds(batch, cost, width, verified, catch_up)

@@ -160,7 +160,7 @@ class DSDERuntime:
             raise ValueError(f"DSDE runtime: batch of {bs} requests exceeds {self.max_rows}")
         self.apply_slot_events()
         self.begin_draft_steps()
-        if bs:
+        if bs and steps > 0:  # an off round drafts nothing: no row to compare
             self.round_draft_logits(bs, int(steps))[:, 0].copy_(
                 self.slot_first_draft[slots.to(self.device, torch.int64)])
 
@@ -183,12 +183,19 @@ class DSDERuntime:
         self._next_step = step + 1
 
     def record_first_draft(self, slots: torch.Tensor, logits: torch.Tensor) -> None:
-        """Draft-extend output ``[bs, V]``: the next first-draft distribution per slot."""
+        """Draft-extend output ``[bs, V]``: the next first-draft distribution per slot.
+
+        A policy that reads the first draft's entropy gets it here, once per write: a
+        slot's first draft changes only here, so rounds that do not draft (the off
+        state) compute no entropy."""
         bs = int(slots.shape[0])
         self.apply_slot_events()
         if bs:
-            self.slot_first_draft[slots.to(self.device, torch.int64)] = \
-                logits[:bs].to(self.slot_first_draft.dtype)
+            slots = slots.to(self.device, torch.int64)
+            first = logits[:bs].to(self.slot_first_draft.dtype)
+            self.slot_first_draft[slots] = first
+            if self.policy.needs_first_entropy:
+                self.driver.observe_first_entropy(slots, entropy_of_logits(first))
 
     def cut_chains(self, slots: torch.Tensor, retrieve_next_token: torch.Tensor,
                    lengths: Optional[torch.Tensor] = None) -> None:
@@ -224,6 +231,8 @@ class DSDERuntime:
         self.apply_slot_events()
         if bs == 0:
             return torch.zeros(0, dtype=torch.int64, device=self.device)
+        if steps == 0:
+            return self._on_off_round(slots, verified_tokens)
         width = steps + 1
         target = target_logits.reshape(bs, width, self.vocab_size)
         draft = self.round_draft_logits(bs, steps)
@@ -239,14 +248,26 @@ class DSDERuntime:
         entropy = entropy[:, :steps] if entropy is not None else None
         num_accepted = torch.minimum(accept_lens.to(self.device, torch.int64) - 1,
                                      num_drafted).clamp_min(0)
-        # A round of 0 steps (the no-drafting state) has nothing to check; non-finite
-        # logits skip the request's signal and its SL falls back (the policy's preamble).
+        # Non-finite logits skip the request's signal and its SL falls back (the
+        # policy's preamble).
         decision = self.driver.observe(slots, num_drafted, num_accepted, kl=kl,
                                        temperature=temperature, draft_entropy=entropy)
-        req_steps = decision.req_steps
         #: ``[bs]`` mean KL of each request's drafted positions this round (NaN: skipped).
         usable = torch.isfinite(kl).all(dim=1) & (num_drafted > 0)
         self.last_req_mean_kl = torch.where(usable, kl.mean(dim=1), float("nan"))
+        return self._finish_round(decision, bs, width, verified_tokens)
+
+    def _on_off_round(self, slots: torch.Tensor, verified_tokens: Optional[int]
+                      ) -> torch.Tensor:
+        """A round of 0 steps (the off state): nothing drafted, so no signal to compute
+        (no KL, no entropy); the policy sees every request draft nothing."""
+        bs = int(slots.shape[0])
+        decision = self.driver.observe_off(slots)
+        self.last_req_mean_kl = torch.full((bs,), float("nan"), device=self.device)
+        return self._finish_round(decision, bs, 1, verified_tokens)
+
+    def _finish_round(self, decision, bs: int, width: int,
+                      verified_tokens: Optional[int]) -> torch.Tensor:
         self.num_rounds += 1
         self.request_rounds += bs
         self.window_tokens += bs * width
@@ -255,7 +276,7 @@ class DSDERuntime:
                                          decision.num_skipped, decision.cap]))
         # Reported as what will run (meta_info ``dsde_sl``): below the engine's smallest
         # pre-built state a request drafts ``min_runnable_steps``.
-        return req_steps.clamp_min(self.min_runnable_steps)
+        return decision.req_steps.clamp_min(self.min_runnable_steps)
 
     # -- decisions to the host --------------------------------------------------------
 
@@ -281,16 +302,13 @@ class DSDERuntime:
         largest current SL over the batch; new requests count with the initial SL). With
         ``lag_rounds`` = 1: the previous round's decision. Snapped to ``runnable_steps``
         (the largest not above it, never below the smallest). A policy that reads the
-        first draft's entropy gets it here, from the distributions kept by slot.
+        first draft's entropy has it already (``record_first_draft``).
         ``pending_catch_up``: the catch-up tokens the round pays if it drafts (a host
         number, the same on every TP rank; ``core.round_cost``).
         """
         slots = slots.to(self.device, torch.int64)
         self.apply_slot_events()
         self.driver.observe_pending_catch_up(pending_catch_up)
-        if self.policy.needs_first_entropy and slots.shape[0]:
-            self.driver.observe_first_entropy(
-                slots, entropy_of_logits(self.slot_first_draft[slots]))
         if self.lag_rounds == 0:
             self._read_pending(keep=0)
             steps = int(self.driver.plan(slots)) if slots.shape[0] else self.initial_steps

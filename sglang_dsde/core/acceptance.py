@@ -4,8 +4,9 @@ A verify round of request i drafts ``n_i`` tokens and accepts ``a_i`` of them. T
 acceptance of draft position j (0-based) is *observed* for ``j <= a_i`` (accepted for
 ``j < a_i``, rejected at ``j = a_i`` when ``a_i < n_i``); later positions are censored.
 
-``AcceptanceCalibration`` keeps the server-wide statistics, forgotten per round
-(``MEMORY``), each with a weak prior (pseudo-observations):
+``AcceptanceCalibration`` keeps the server-wide statistics, forgotten per round that
+observed something (``MEMORY``; a stretch of off rounds keeps what was learned), each
+with a weak prior (pseudo-observations):
 
 * ``calibrate(kl)``: P(accept | KL) by KL bin (``KL_EDGES``, log-spaced), learned from
   observed positions: turns a request's recent KL values into an acceptance estimate;
@@ -109,20 +110,24 @@ class AcceptanceCalibration:
     def observe(self, kl: torch.Tensor, observed: torch.Tensor, accepted: torch.Tensor,
                 first_entropy: Optional[torch.Tensor] = None) -> None:
         """One round: ``[bs, P]`` KL, the masks of ``observed_positions`` and ``[bs]``
-        first-draft entropies (NaN or None: unknown)."""
+        first-draft entropies (NaN or None: unknown). A round without drafted positions
+        changes nothing (memory fades per observed round, not per round)."""
+        if kl.shape[1] == 0:
+            return
         obs, acc = observed.double(), accepted.double()
+        memory = 1.0 - (1.0 - MEMORY) * observed.any().double()  # float64, no copy
         kl_bins = torch.bucketize(kl, self.kl_edges).reshape(-1)
-        self._kl_obs = MEMORY * self._kl_obs.index_add(0, kl_bins, obs.reshape(-1))
-        self._kl_acc = MEMORY * self._kl_acc.index_add(0, kl_bins, acc.reshape(-1))
+        self._kl_obs = memory * self._kl_obs.index_add(0, kl_bins, obs.reshape(-1))
+        self._kl_acc = memory * self._kl_acc.index_add(0, kl_bins, acc.reshape(-1))
         if first_entropy is None:
             first_entropy = torch.full(obs.shape[:1], float("nan"), dtype=torch.float64,
                                        device=self.device)
         rows, _ = self._entropy_rows(first_entropy.to(self.device, torch.float64))
         width = min(obs.shape[1], self._depth_obs.shape[1])
         pad = self._depth_obs.shape[1] - width
-        self._depth_obs = MEMORY * self._depth_obs.index_add(
+        self._depth_obs = memory * self._depth_obs.index_add(
             0, rows, torch.nn.functional.pad(obs[:, :width], (0, pad)))
-        self._depth_acc = MEMORY * self._depth_acc.index_add(
+        self._depth_acc = memory * self._depth_acc.index_add(
             0, rows, torch.nn.functional.pad(acc[:, :width], (0, pad)))
 
     def survival(self, req_rate: torch.Tensor, first_entropy: torch.Tensor, max_steps: int,

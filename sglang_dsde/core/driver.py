@@ -7,6 +7,7 @@ One round, in this order (any caller)::
     req_steps = driver.req_steps(slots)         # [bs]: each request's own SL (for a cut)
     ... draft, verify ...
     decision = driver.observe(slots, drafted, accepted, kl=..., temperature=..., ...)
+    #   (or driver.observe_off(slots) for a round in which no request drafted)
     driver.observe_cost(sample)                 # the round's measured or modelled cost:
                                                 #   round_cost.round_sample(bs, steps, s, T, g)
     ... requests join / leave: driver.admit(slots) / driver.release(slots)
@@ -115,6 +116,13 @@ class PolicyDriver:
         return self.policy.update(slots, drafted, accepted, req_kl=kl,
                                   req_temperature=temperature,
                                   req_draft_entropy=draft_entropy, batch_size=batch_size)
+
+    def observe_off(self, slots: torch.Tensor,
+                    batch_size: Optional[int] = None) -> PolicyDecision:
+        """A round in which no request drafted (the off state; the caller knows it on
+        the host): the decision ``observe`` gives for every request drafting nothing,
+        without a signal to compute (``SpecPolicy.update_off``)."""
+        return self.policy.update_off(slots, batch_size=batch_size)
 
     def observe_cost(self, sample: torch.Tensor) -> None:
         """The cost of the round just played: ``[batch size, steps, seconds, verified,

@@ -40,7 +40,8 @@ the data: before any timing it predicts the prior (relative units, a target deco
 ~ 1); after timings it predicts seconds. The prior acts as pseudo-observations at fixed
 design points, so the system is always well posed (directions the policy never explores
 stay at the prior's shape times the learned scale) and does not wind up under
-forgetting. Each ``observe`` is a rank-one update plus one batched solve on the device
+forgetting. Each ``observe`` is a rank-one update, and (at every one of the first
+``SOLVE_ALWAYS``, then every ``SOLVE_EVERY``-th) one batched solve on the device
 (``solve_nonnegative``: the exact non-negative solution over all 512 sets of free
 coefficients; ``solve_ex``, so no host synchronisation). Padded rounds cannot tell ``d1``
 from ``dv`` (``T = bs * k``); the prior splits them until ragged rounds teach the split.
@@ -79,6 +80,11 @@ PRIOR_ROUNDS = 1.0
 MEMORY = 0.995
 OUTLIER_FACTOR = 4.0
 MIN_SAMPLES = 8
+#: The coefficients are re-solved at every observation for the first ``SOLVE_ALWAYS``,
+#: then every ``SOLVE_EVERY``-th (the sums take every one): one forgotten sample moves
+#: them little, and the batched solve is most of an observation's work.
+SOLVE_ALWAYS = 32
+SOLVE_EVERY = 8
 #: Design points of the prior pseudo-observations: batch sizes x step counts x the share
 #: of the drafted tokens verified (1: a full window; 1/2: a ragged verify), plus a
 #: catch-up per batch size: full rank.
@@ -251,6 +257,8 @@ class OnlineRoundCost:
         self._sum_seconds = torch.zeros((), **f64)
         self._sum_prior = torch.zeros((), **f64)
         self.num_samples = torch.zeros((), **f64)
+        #: Observations so far (host int, the same on every TP rank): when to solve.
+        self.num_observed = 0
         #: Current coefficients (``ROUND_COEFS`` order); the prior shape until data.
         self.coefs = self.prior.clone()
 
@@ -298,6 +306,13 @@ class OnlineRoundCost:
         self._sum_seconds = mem * self._sum_seconds + w * t
         self._sum_prior = mem * self._sum_prior + w * (x @ self.prior)
         self.num_samples = self.num_samples + w
+        self.num_observed += 1
+        if self.num_observed > SOLVE_ALWAYS and self.num_observed % SOLVE_EVERY:
+            return
+        self.solve()
+
+    def solve(self) -> None:
+        """Re-solve the coefficients from the sums (``observe`` calls it)."""
         scale = torch.where(self._sum_prior > 0, self._sum_seconds / self._sum_prior, 1.0)
         gram = self._gram + self._prior_gram / scale ** 2
         rhs = self._rhs + self._prior_rhs / scale

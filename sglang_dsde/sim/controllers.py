@@ -124,6 +124,16 @@ class PolicyController(Controller):
         return np.full(len(batch), batch_steps, dtype=np.int64), batch_steps
 
     def observe(self, batch, req_drafted, req_accepted):
+        if int(np.max(req_drafted)) == 0:  # an off round: the engine's call
+            decision = self.driver.observe_off(self._slots(batch))
+        else:
+            decision = self._observe_drafted(batch, req_drafted, req_accepted)
+        cap = int(decision.cap)
+        self.decisions.append({"round": len(self.decisions), "cap": cap if cap >= 0 else None,
+                               "steps": {r.trace.id: int(s) for r, s in
+                                         zip(batch, decision.req_steps.tolist())}})
+
+    def _observe_drafted(self, batch, req_drafted, req_accepted):
         width = max(r.trace.max_steps for r in batch)
         kl = np.zeros((len(batch), width), dtype=np.float32)
         entropy = np.zeros_like(kl)
@@ -133,14 +143,10 @@ class PolicyController(Controller):
                 entropy[i, :r.trace.max_steps] = r.trace.draft_entropy[r.pos]
         if self.policy.needs_draft_entropy and any(r.trace.draft_entropy is None for r in batch):
             raise ValueError(f"policy {self.cfg.policy} needs draft entropies; the trace has none")
-        decision = self.driver.observe(
+        return self.driver.observe(
             self._slots(batch), torch.as_tensor(req_drafted), torch.as_tensor(req_accepted),
             kl=torch.from_numpy(kl), temperature=torch.zeros(len(batch)),
             draft_entropy=torch.from_numpy(entropy))
-        cap = int(decision.cap)
-        self.decisions.append({"round": len(self.decisions), "cap": cap if cap >= 0 else None,
-                               "steps": {r.trace.id: int(s) for r, s in
-                                         zip(batch, decision.req_steps.tolist())}})
 
     def observe_cost(self, batch_size, batch_steps, cost, verified=None, catch_up=0):
         self.driver.observe_cost(round_sample(batch_size, batch_steps, cost, verified,

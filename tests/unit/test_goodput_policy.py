@@ -60,6 +60,67 @@ def test_survival_matches_a_float64_reference():
     assert np.allclose(got[1].numpy(), expect_unknown, rtol=1e-12)
 
 
+def _played(policy_name, seed, max_slots=8):
+    """A policy after a few random drafting rounds over slots 1, 4, 6."""
+    cfg = DSDEConfig(policy=policy_name, min_steps=0, max_steps=6, initial_steps=2)
+    pol = make_policy(cfg, max_slots=max_slots)
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.tensor([1, 4, 6])
+    for _ in range(5):
+        drafted = torch.randint(0, 7, (3,), generator=gen)
+        accepted = torch.minimum(torch.randint(0, 7, (3,), generator=gen), drafted)
+        kl = torch.rand(3, 6, generator=gen, dtype=torch.float64)
+        pol.update(slots, drafted, accepted, req_kl=kl,
+                   req_draft_entropy=torch.rand(3, 6, generator=gen, dtype=torch.float64))
+        if pol.needs_round_cost:
+            pol.observe_round(round_sample(3, int(drafted.max()), 0.01 + 0.002 * float(
+                drafted.max())))
+    if pol.needs_first_entropy:
+        pol.observe_first_entropy(slots, torch.tensor([0.5, float("nan"), 2.0]))
+    return pol, slots
+
+
+def _tensors(obj, prefix=""):
+    """Every tensor reachable from a policy's attributes (one level of sub-objects)."""
+    out = {}
+    for name, value in vars(obj).items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+        elif hasattr(value, "__dict__") and not prefix and not isinstance(value, DSDEConfig):
+            out.update(_tensors(value, name + "."))
+    return out
+
+
+@pytest.mark.parametrize("policy_name", ["goodput", "dsde", "adaedl", "static"])
+def test_an_off_round_is_an_empty_round_in_fewer_operations(policy_name):
+    """``update_off`` (a round in which nothing was drafted) leaves every state tensor and
+    the decision exactly as ``update`` with every request drafting nothing does."""
+    fast, _ = _played(policy_name, seed=5)
+    full, slots = _played(policy_name, seed=5)
+    for _ in range(3):
+        got = fast.update_off(slots)
+        none = torch.zeros(3, dtype=torch.int64)
+        want = full.update(slots, none, none, req_kl=torch.full((3, 6), float("nan")),
+                           req_draft_entropy=torch.zeros(3, 6, dtype=torch.float64))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    fast_state, full_state = _tensors(fast), _tensors(full)
+    assert fast_state.keys() == full_state.keys()
+    for name, value in fast_state.items():
+        assert torch.equal(value, full_state[name]) or torch.allclose(
+            value, full_state[name], rtol=0, atol=0, equal_nan=True), name
+
+
+def test_rounds_without_an_observed_position_keep_the_calibration():
+    pol, slots = _played("goodput", seed=2)
+    before = {k: v.clone() for k, v in _tensors(pol.calibration).items()}
+    none = torch.zeros(3, dtype=torch.int64)
+    pol.update(slots, none, none, req_kl=torch.zeros(3, 6, dtype=torch.float64))
+    pol.update_off(slots)
+    for name, value in _tensors(pol.calibration).items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_request_estimates_are_decayed_sums_aged_in_output_tokens():
     pol = goodput(decay=0.8, goodput_kl_weight=0.0, goodput_stability_weight=0.0)
     slot = torch.tensor([3])

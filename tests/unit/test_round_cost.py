@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from sglang_dsde.core.round_cost import (MIN_SAMPLES, PRIOR_SHAPE, LinearRoundCost,
-                                         OnlineRoundCost, round_feature_list, round_features,
-                                         round_sample, solve_nonnegative)
+from sglang_dsde.core.round_cost import (MIN_SAMPLES, PRIOR_SHAPE, SOLVE_ALWAYS, SOLVE_EVERY,
+                                         LinearRoundCost, OnlineRoundCost,
+                                         round_feature_list, round_features, round_sample,
+                                         solve_nonnegative)
 
 TRUE = LinearRoundCost.from_parts(draft_step=(0.004, 0.0005), verify=(0.03, 0.002),
                                   spec=(0.006, 0.0003))
@@ -78,6 +79,24 @@ def test_one_batch_size_two_step_counts_give_that_batch_sizes_slope():
     feed(model, TRUE, [(8, 3), (8, 4), (8, 2)] * 30)
     truth = torch.tensor([TRUE.round(8, k) for k in range(1, 9)], dtype=torch.float64)
     assert torch.allclose(model.predict(8, 8)[1:], truth, rtol=0.02)
+
+
+def test_coefficients_are_re_solved_on_a_schedule_from_every_sample():
+    """Every sample enters the sums; the solve runs at each of the first SOLVE_ALWAYS
+    samples, then every SOLVE_EVERY-th, and then gives what solving every time gives."""
+    scheduled, eager = OnlineRoundCost("cpu"), OnlineRoundCost("cpu")
+    points = list(itertools.product([1, 3, 8], range(0, 5))) * 4
+    for n, (bs, k) in enumerate(points, 1):
+        before = scheduled.coefs.clone()
+        sample = round_sample(bs, k, TRUE.round(bs, k) * (1 + 0.05 * np.sin(n)))
+        scheduled.observe(sample)
+        eager.observe(sample)
+        eager.solve()
+        if n <= SOLVE_ALWAYS or n % SOLVE_EVERY == 0:
+            assert torch.equal(scheduled.coefs, eager.coefs), n
+        else:
+            assert torch.equal(scheduled.coefs, before), n
+    assert len(points) > SOLVE_ALWAYS + 2 * SOLVE_EVERY
 
 
 def test_a_gap_far_longer_than_a_round_is_not_learned():

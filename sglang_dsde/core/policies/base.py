@@ -10,6 +10,7 @@ SGLang's ``req_pool_indices``). A round, as the driver calls it::
     ... draft ``steps`` steps, verify ...
     decision = policy.update(slots, req_num_drafted, req_num_accepted,
                              req_kl=kl, req_temperature=temps)
+    # or, when no request drafted (the off state): decision = policy.update_off(slots)
     policy.observe_round(sample)                   # the round's measured cost, a device
                                                    # tensor [bs, steps, seconds, verified,
                                                    # catch-up]
@@ -181,6 +182,32 @@ class SpecPolicy:
         req_steps = torch.where(finite, req_steps, self.initial_steps)
         self.req_steps[slots] = req_steps
         return self._decision(req_steps, cap, (~finite).sum(), *batch_steps)
+
+    def update_off(self, slots: torch.Tensor,
+                   batch_size: Optional[int] = None) -> PolicyDecision:
+        """A round in which no request drafted (the off state): ``update`` with every
+        request drafting nothing, without a signal to validate. The same decision as
+        ``update(slots, 0, 0, req_kl=[bs, 0])``; a policy may make it cheaper
+        (``_step_off``)."""
+        slots = self._ints(slots)
+        bs = int(slots.shape[0])
+        if bs == 0:
+            return self._decision(self.req_steps[slots])
+        req_steps, cap, *batch_steps = self._step_off(
+            slots, bs if batch_size is None else int(batch_size))
+        self.req_steps[slots] = req_steps
+        return self._decision(req_steps, cap, None, *batch_steps)
+
+    def _step_off(self, slots: torch.Tensor, batch_size: int) -> tuple:
+        """``_step`` of a round in which nothing was drafted (default: ``_step`` on an
+        empty observation)."""
+        bs = int(slots.shape[0])
+        none = torch.zeros(bs, dtype=torch.int64, device=self.device)
+        empty = torch.zeros(bs, 0, dtype=torch.float64, device=self.device)
+        return self._step(RoundObservation(
+            slots, none, none, empty, torch.zeros(bs, 0, dtype=torch.bool, device=self.device),
+            torch.zeros(bs, dtype=torch.float64, device=self.device),
+            empty if self.needs_draft_entropy else None, batch_size))
 
     def _step(self, obs: RoundObservation) -> tuple:
         """``([bs] next SL of each request, 0-dim cap or None)`` for one round, and

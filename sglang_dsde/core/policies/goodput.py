@@ -293,6 +293,20 @@ class GoodputPolicy(KLHistoryPolicy):
         values = self.history.values[slots, :self.cfg.window]
         ratio = wvir(values, age, count, self.weight_by_age, flat_value=1.0)
         self.stability[slots] = torch.where(drafted > 0, ratio, self.stability[slots])
+        return self._choose(slots)
+
+    def _step_off(self, slots: torch.Tensor, batch_size: int):
+        """No request drafted: only the fade of each request's sums (it advanced one
+        token), then the decision; the calibration, the KL history and the stability
+        see nothing (``_step`` on an empty round, in fewer operations)."""
+        fade = self.cfg.decay
+        for t in (self.kl_sum, self.obs_sum, self.obs_weight):
+            t[slots] = fade * t[slots]
+        return self._choose(slots)
+
+    def _choose(self, slots: torch.Tensor):
+        """The round's decision for ``slots`` (the end of ``_step``)."""
+        bs = int(slots.shape[0])
         # What this round taught may move the held step count (once a round).
         rates, survival, counts = self._estimates(slots)
         choice = self._held_choice(rates)
