@@ -16,7 +16,9 @@ Contender specs are ``sglang_dsde.sim.contenders``' (``static:0``: no speculatio
 ``static:k``: SGLang's STANDALONE with k steps, a policy name: DSDE with that policy) plus
 ``dsde-static:k``: DSDE's static policy with k steps (the aligned draft, SGLang's
 STANDALONE path otherwise). Greedy; each output is compared with the first server's.
-Results: a markdown table on stdout and ``--out`` (JSON).
+The run's noise: each block (a prompt, or ``--concurrency`` of them) gives one ratio; the
+table adds a 95% bootstrap interval of their geometric mean. Results: a markdown table on
+stdout and ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import concurrent.futures as cf
 import contextlib
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -70,6 +73,7 @@ def dsde_state(server) -> dict:
 def compare(resident, baseline, prompts, args) -> dict:
     """Interleaved passes of one baseline against the resident contender."""
     totals = {"resident": [0, 0.0], "baseline": [0, 0.0]}
+    block_ratios: List[float] = []
     mismatches = 0
     blocks = [prompts[i:i + args.concurrency]
               for i in range(0, len(prompts), args.concurrency)]
@@ -78,16 +82,35 @@ def compare(resident, baseline, prompts, args) -> dict:
             order = [("resident", resident), ("baseline", baseline)]
             if (rep + b) % 2:
                 order.reverse()
-            outs = {}
+            outs, rates = {}, {}
             for name, server in order:
                 r = run_pass(server, block, args.max_new_tokens, args.concurrency)
                 totals[name][0] += r["tokens"]
                 totals[name][1] += r["seconds"]
                 outs[name] = r["outputs"]
+                rates[name] = r["tokens"] / r["seconds"]
+            block_ratios.append(rates["resident"] / rates["baseline"])
             mismatches += sum(a != b for a, b in zip(outs["resident"], outs["baseline"]))
+            print(f"  pass {rep + 1}/{args.repeats} block {b + 1}/{len(blocks)}: ratio "
+                  f"{block_ratios[-1]:.3f}", flush=True)
     tps = {k: v[0] / v[1] for k, v in totals.items()}
+    low, high = ratio_interval(block_ratios)
     return {"resident_tok_s": tps["resident"], "baseline_tok_s": tps["baseline"],
-            "ratio": tps["resident"] / tps["baseline"], "output_mismatches": mismatches}
+            "ratio": tps["resident"] / tps["baseline"],
+            "block_ratio_median": statistics.median(block_ratios),
+            "ratio_ci95": [low, high], "blocks": len(block_ratios),
+            "output_mismatches": mismatches}
+
+
+def ratio_interval(block_ratios: Sequence[float], draws: int = 2000) -> tuple:
+    """95% bootstrap interval (seeded) of the geometric mean of the per-block ratios: how
+    far the run's noise leaves the ratio uncertain."""
+    import numpy as np
+
+    logs = np.log(np.asarray(block_ratios, dtype=np.float64))
+    rng = np.random.default_rng(0)
+    means = logs[rng.integers(0, len(logs), (draws, len(logs)))].mean(axis=1)
+    return float(np.exp(np.percentile(means, 2.5))), float(np.exp(np.percentile(means, 97.5)))
 
 
 def main(argv=None) -> int:
@@ -132,17 +155,20 @@ def main(argv=None) -> int:
                 row = {"baseline": spec, **compare(resident, base, prompts, args)}
             rows.append(row)
             print(f"{args.contender} vs {spec}: {row['resident_tok_s']:.2f} vs "
-                  f"{row['baseline_tok_s']:.2f} tok/s, ratio {row['ratio']:.3f}, "
-                  f"output mismatches {row['output_mismatches']}", flush=True)
+                  f"{row['baseline_tok_s']:.2f} tok/s, ratio {row['ratio']:.3f} (95% "
+                  f"interval {row['ratio_ci95'][0]:.3f}-{row['ratio_ci95'][1]:.3f} over "
+                  f"{row['blocks']} blocks), output mismatches {row['output_mismatches']}",
+                  flush=True)
         state = dsde_state(resident)
     result = {"contender": args.contender, "draft": pair.draft_kind, "args": vars(args),
               "rows": rows, "contender_state": {k: state.get(k) for k in (
                   "batch_steps_histogram", "draft_kv", "first_draft_misses",
                   "drafted_request_rounds", "plain_off_rounds", "learned")}}
-    print(f"\n| baseline | {args.contender} tok/s | baseline tok/s | ratio |\n|---|---|---|---|")
+    print(f"\n| baseline | {args.contender} tok/s | baseline tok/s | ratio | 95% interval |"
+          "\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['baseline']} | {r['resident_tok_s']:.2f} | {r['baseline_tok_s']:.2f} "
-              f"| {r['ratio']:.3f} |")
+              f"| {r['ratio']:.3f} | {r['ratio_ci95'][0]:.3f}-{r['ratio_ci95'][1]:.3f} |")
     print(json.dumps(result["contender_state"], indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

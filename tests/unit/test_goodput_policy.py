@@ -261,6 +261,17 @@ def test_never_accepted_drafts_stop_drafting_with_probes_only():
     assert np.mean(tail == 0) > 0.9 and tail.max() <= 1
 
 
+def test_probes_out_of_off_space_out_while_they_fail_and_come_back_after_a_success():
+    pol = goodput(goodput_probe_every=32)
+    never = run_closed_loop(pol, lambda r, k, i: 0, GPU_LIKE, rounds=800)
+    # Failed probes double the period while off, up to 8 x 32 rounds.
+    assert 1 <= sum(k > 0 for k in never[-512:]) <= 3
+    # Drafts that start to agree: the next probe finds it, and the server drafts again.
+    later = run_closed_loop(pol, lambda r, k, i: k, GPU_LIKE, rounds=600)
+    assert np.mean(np.array(later[-100:]) > 0) > 0.9
+    assert int(pol.off_misses.max()) == 0
+
+
 def test_expensive_drafts_speculate_less_at_the_same_acceptance():
     rng = np.random.default_rng(0)
     run = np.cumprod(rng.random((400, 4, 6)) < 0.7, axis=2).sum(axis=2)  # geometric, p=0.7

@@ -35,7 +35,9 @@ do not flip the engine's runtime state back and forth.
 Exploration: every ``goodput_probe_every`` rounds the batch drafts the next step count
 above ``K*``, or the next below, alternately (among the choices); more often while few
 rounds were played at the batch's size class (1, 2, 3-4, 5-8, ...), since costs, and so
-``K*``, depend on it.
+``K*``, depend on it. While the server is off, each probe out of off after which it
+stays off doubles the period (at most ``2 ** MAX_OFF_BACKOFF`` times; a success resets
+it): a draft that never pays stops paying for probes.
 Without it the estimates would only ever see the step count they chose: the cost model
 could not tell the slope of the cost in k from its intercept, and the depth profile would
 never see the depths beyond K* (nor, at K* = 0, any acceptance at all). Near the optimum
@@ -66,6 +68,9 @@ HISTORY_WEIGHT = 0.5
 #: The held step count stays unless another runnable one promises this much more
 #: expected goodput (relative) for the batch at hand: near-ties do not flip the state.
 SWITCH_MARGIN = 0.03
+#: A probe out of the off state that leaves the server off doubles the probe period
+#: while off, at most this many times in a row (a success resets it).
+MAX_OFF_BACKOFF = 3
 
 
 class GoodputPolicy(KLHistoryPolicy):
@@ -105,6 +110,12 @@ class GoodputPolicy(KLHistoryPolicy):
         self.held = torch.full((), initial, dtype=torch.int64, device=dev)
         #: Catch-up tokens the coming round pays if it drafts (host number).
         self.pending_catch_up = 0.0
+        #: Per batch-size class: drafting rounds in a row, played while the server held
+        #: the off state, after which it still held it (failed probes out of off); they
+        #: space the next ones.
+        self.off_misses = torch.zeros_like(self.rounds_by_bs_class)
+        #: Whether the lowest choice is the free off (``min_steps`` 0).
+        self._has_off = state_steps_for(cfg, initial_steps)[0] == 0
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         super().reset_slots(slots)
@@ -234,11 +245,24 @@ class GoodputPolicy(KLHistoryPolicy):
         runtime-state switches (there and back).
 
         The period is short while the estimates for this batch size are young (2, 3, ...
-        growing by one every 4 rounds up to the knob): the first rounds teach the slope."""
+        growing by one every 4 rounds up to the knob): the first rounds teach the slope.
+        Then, while off, it doubles with each probe out of off that failed in a row (up to
+        ``2 ** MAX_OFF_BACKOFF`` times): a draft that never pays stops paying for
+        probes, and one success brings the period back."""
         cfg = self.cfg
         if cfg.goodput_probe_every:
             num_rounds = self.rounds_by_bs_class[_bs_class(batch_size)]
-            period = torch.clamp(2 + num_rounds // 4, max=max(cfg.goodput_probe_every, 2))
+            full = max(cfg.goodput_probe_every, 2)
+            period = torch.clamp(2 + num_rounds // 4, max=full)
+            # Once the estimates are grown (the full period), each failed probe out of
+            # the off state doubles the period while off (bounded).
+            if self._has_off:
+                misses = self.off_misses[_bs_class(batch_size)]
+                backoff = torch.where((choice == 0) & (period == full),
+                                      misses.clamp_max(MAX_OFF_BACKOFF), 0)
+                # (Odd once backed off: the probes do not lock onto one phase of a
+                # periodic workload.)
+                period = torch.where(backoff > 0, (period << backoff) | 1, period)
             last = self.choices.shape[0] - 1
             up = (((num_rounds // period) % 2 == 0) | (choice == 0)) & (choice < last)
             probe = torch.where(up, choice + 1, (choice - 1).clamp_min(0))
@@ -293,7 +317,18 @@ class GoodputPolicy(KLHistoryPolicy):
         values = self.history.values[slots, :self.cfg.window]
         ratio = wvir(values, age, count, self.weight_by_age, flat_value=1.0)
         self.stability[slots] = torch.where(drafted > 0, ratio, self.stability[slots])
-        return self._choose(slots)
+        if not self._has_off:
+            return self._choose(slots)
+        was_off = (self.held == 0) & (drafted > 0).any()
+        out = self._choose(slots)
+        # A drafting round while held off is a probe out of off: a miss if the server
+        # stays off after it (the probe period while off doubles), else misses reset.
+        stays_off = self.held == 0
+        size_class = _bs_class(int(slots.shape[0]))
+        misses = self.off_misses[size_class]
+        self.off_misses[size_class] = torch.where(was_off & stays_off, misses + 1,
+                                                  torch.where(stays_off, misses, 0))
+        return out
 
     def _step_off(self, slots: torch.Tensor, batch_size: int):
         """No request drafted: only the fade of each request's sums (it advanced one
