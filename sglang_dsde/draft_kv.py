@@ -10,8 +10,10 @@ distribution is then the draft's output after that token. Otherwise it is *behin
 (the catch-up) before the request drafts again.
 
 A request falls behind by one token after its prefill (the bonus token has no slot yet
-when the prompt is prefilled) and by one token per round the batch does not draft (the
-free off: the target alone decodes, no draft forward). Rounds that draft keep it current.
+when the prompt is prefilled), by its whole chunk when the prefill is prefilled while the
+server is off (the draft's prefill is deferred to the catch-up: a request that finishes
+while off never pays it), and by one token per round the batch does not draft (the free
+off: the target alone decodes, no draft forward). Rounds that draft keep it current.
 
 Radix-cache hits: a new request reuses KV slots another request wrote, and its draft KV
 there is valid only if that request's draft had written those slots. ``draft_ok`` (one
@@ -53,6 +55,9 @@ class DraftKVLedger:
         self.catch_ups = 0
         self.catch_up_tokens = 0
         self.radix_repairs = 0
+        #: Host: slots whose own prefill (a chunk of it) was deferred and that have not
+        #: drafted since.
+        self._deferred: set = set()
 
     # -- request lifetime ---------------------------------------------------------------
 
@@ -61,6 +66,7 @@ class DraftKVLedger:
         for s in slots:
             self.valid_len[int(s)] = 0
             self.gap[int(s)] = 0
+            self._deferred.discard(int(s))
         if len(slots):
             self.slot_behind[torch.as_tensor(list(slots), dtype=torch.int64,
                                              device=self.device)] = True
@@ -103,19 +109,28 @@ class DraftKVLedger:
         return [int(v) for v in first.tolist()]
 
     def after_prefill(self, slots: Sequence[int], prefix_lens: Sequence[int],
-                      ends: Sequence[int], first_invalid: Optional[dict] = None) -> None:
+                      ends: Sequence[int], first_invalid: Optional[dict] = None,
+                      extended: bool = True) -> None:
         """The draft extended each request over ``prefix .. end - 1`` (aligned). A request
-        whose prefix was invalid from ``j`` (``first_invalid[row]``) is behind from ``j``."""
+        whose prefix was invalid from ``j`` (``first_invalid[row]``) is behind from ``j``.
+        ``extended`` False: the draft's prefill was deferred (the server was off; the
+        chunk's KV slots were cleared, ``mark_invalid``): each request stays valid only
+        through its valid prefix, and its catch-up extends the rest when it drafts."""
         first_invalid = first_invalid or {}
         for row, (s, m, e) in enumerate(zip(slots, prefix_lens, ends)):
             j = first_invalid.get(row, m)
-            if j < m:
-                self.radix_repairs += 1
+            if j < m:  # (a request's own deferred chunk is not a radix repair)
+                self.radix_repairs += int(s) not in self._deferred
                 self.valid_len[int(s)] = j
+            elif not extended:
+                self.valid_len[int(s)] = (m if row in first_invalid
+                                          else min(self.valid_len[int(s)], int(m)))
             elif self.valid_len[int(s)] >= m or m == 0 or row in first_invalid:
                 self.valid_len[int(s)] = int(e)
             # The pending bonus token at ``e`` (a final chunk), and any repair range.
             self.gap[int(s)] = int(e) + 1 - min(self.valid_len[int(s)], int(e))
+            if not extended:
+                self._deferred.add(int(s))
         if len(slots):
             self.slot_behind[torch.as_tensor(list(slots), dtype=torch.int64,
                                              device=self.device)] = True
@@ -144,6 +159,7 @@ class DraftKVLedger:
         for s in slots:
             self.valid_len[int(s)] = CURRENT
             self.gap[int(s)] = 0
+            self._deferred.discard(int(s))
         self.slot_behind[rows.to(self.device, torch.int64)] = False
 
     def on_off_round(self, slots: Sequence[int], seq_lens: Sequence[int],

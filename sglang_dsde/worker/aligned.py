@@ -24,7 +24,9 @@ token, and with the radix cache reads another request's token at the last cached
   verify window is reserved (``DSDESpecAlgo`` widens the per-decode reservation by one);
 * prefill draft extend: the chunk's tokens at their own slots, no rotation (so no
   next-prompt-token tail for chunked prefill). The bonus token has no slot yet, so the
-  request leaves prefill one token behind;
+  request leaves prefill one token behind. While the server is off the extend is
+  deferred (``DSDEWorkerV2.defer_draft_prefill``): the request leaves prefill behind
+  from its valid prefix and its catch-up extends the prompt when it first drafts;
 * catch-up (:meth:`DSDEDraftWorker.catch_up`): one draft extend over each request's
   positions from where its draft KV stops being valid through its pending bonus token,
   batched over the whole batch (a current request re-extends ``b`` alone, idempotent), so
@@ -52,6 +54,8 @@ class DSDEDraftWorker(StandaloneDraftWorker):
     beyond two flags; the owning ``DSDEWorkerV2`` swaps its draft worker's class to it."""
 
     _dsde_drafting = False
+    #: A catch-up's extend is running (never deferred).
+    _dsde_catching_up = False
     #: The owning DSDEWorkerV2 (set at the swap): its stub for a skipped draft extend.
     _dsde_owner = None
 
@@ -104,6 +108,9 @@ class DSDEDraftWorker(StandaloneDraftWorker):
                 kv_loc_plan=kv_loc_plan)
         if mm_input_embeds is not None:
             raise NotImplementedError("DSDE: multimodal inputs to the draft model")
+        owner = self._dsde_owner
+        if not self._dsde_catching_up and owner is not None and owner.defer_draft_prefill():
+            return self._deferred_prefill(batch, next_token_ids)
         ids = batch.input_ids
         ends = torch.as_tensor(_cumsum(batch.extend_lens), dtype=torch.int64)
         tail = ids[(ends - 1).to(ids.device)]
@@ -116,6 +123,21 @@ class DSDEDraftWorker(StandaloneDraftWorker):
         finally:
             batch.input_ids, batch.chunked_req_next_prompt_token = saved
         ret.bonus_tokens = next_token_ids
+        return ret
+
+    def _deferred_prefill(self, batch, next_token_ids):
+        """The server is off: no draft extend for this prefill (the catch-up runs it when
+        a request drafts). The next draft input carries the bonus tokens and
+        shape-valid stubs, as an off round's does."""
+        from types import SimpleNamespace
+
+        from sglang.srt.speculative.eagle_info import EagleDraftInput
+
+        owner = self._dsde_owner
+        owner.draft_sync.defer_prefill(batch)
+        ret = EagleDraftInput(bonus_tokens=next_token_ids, num_tokens_per_req=1,
+                              num_tokens_for_logprob_per_req=1)
+        owner._stub_skipped_draft_extend(batch, SimpleNamespace(next_draft_input=ret))
         return ret
 
     def _draft_extend_for_decode(self, batch, batch_result, *, kv_loc_plan=None):
@@ -192,7 +214,11 @@ class DSDEDraftWorker(StandaloneDraftWorker):
         cb.decoding_reqs = None
         cb.input_embeds = None
         cb.spec_info = None
-        ret = self._draft_extend_for_prefill(cb, None, batch.spec_info.bonus_tokens)
+        self._dsde_catching_up = True
+        try:
+            ret = self._draft_extend_for_prefill(cb, None, batch.spec_info.bonus_tokens)
+        finally:
+            self._dsde_catching_up = False
         return ret, total
 
 

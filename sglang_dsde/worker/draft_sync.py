@@ -4,8 +4,10 @@
 ``DraftSync`` is owned by ``DSDEWorkerV2`` and called at three points of a round:
 
 * after a prefill (``after_prefill``): the draft extended each chunk at its own
-  positions; a radix hit whose reused draft KV was not all written by a draft (its
-  ``draft_ok`` bits) leaves the request behind from the first such position;
+  positions, or (the server off: ``defer_prefill``) skipped it, leaving the request
+  behind from its valid prefix; a radix hit whose reused draft KV was not all written
+  by a draft (its ``draft_ok`` bits) leaves the request behind from the first such
+  position;
 * before a decode round (``before_decode``): a drafting round first runs one batched
   catch-up extend when a request of the batch is behind (its first drafts are then
   recorded as the policy's first-draft distributions); an off round marks the slot where
@@ -37,6 +39,10 @@ class DraftSync:
         #: Seconds of the last catch-up (host clock, includes its launch only on a GPU).
         self.last_catch_up_s = 0.0
         self.last_catch_up_tokens = 0
+        #: The prefill in flight skipped the draft's extend (``defer_prefill``).
+        self.prefill_deferred = False
+        #: Prefill batches whose draft extend was deferred (host counter).
+        self.deferred_prefills = 0
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -63,7 +69,17 @@ class DraftSync:
             found = self.ledger.first_invalid(
                 self.worker.req_to_token_pool.req_to_token, rows, [prefix[i] for i in check])
             first_invalid = dict(zip(check, found))
-        self.ledger.after_prefill(slots, prefix, ends, first_invalid)
+        deferred = self.prefill_deferred
+        self.prefill_deferred = False
+        self.ledger.after_prefill(slots, prefix, ends, first_invalid, extended=not deferred)
+
+    def defer_prefill(self, batch) -> None:
+        """The draft skips this prefill's extend: the KV slots the target wrote hold no
+        draft KV (bits cleared, on the device); ``after_prefill`` then leaves each request
+        behind from its valid prefix."""
+        self.ledger.mark_invalid(batch.out_cache_loc)
+        self.prefill_deferred = True
+        self.deferred_prefills += 1
 
     # -- decode rounds -------------------------------------------------------------------
 
@@ -114,4 +130,4 @@ class DraftSync:
         return [int(n) for n in batch.seq_lens.tolist()]  # one read, transition rounds only
 
     def stats(self) -> dict:
-        return self.ledger.stats()
+        return {**self.ledger.stats(), "deferred_prefills": self.deferred_prefills}

@@ -360,6 +360,13 @@ class DSDEWorkerV2(OffRoundDecode, StandaloneWorkerV2):
             self._debug.after_round(self, batch, result, steps)
         return result
 
+    def defer_draft_prefill(self) -> bool:
+        """Whether a prefill skips the draft's extend: while the server is off (its last
+        decode round drafted nothing; a host value, the same on every TP rank), the
+        prompt's draft KV is left to the catch-up of the first round that drafts, so
+        requests served wholly while off never pay a draft prefill."""
+        return self.dsde is not None and self._schedule.planned_steps == 0
+
     def _plan_ragged(self, batch, slots, steps: int) -> Optional[int]:
         """Per-request verify lengths for this round (a ragged verify) when some request
         wants fewer than the batch's ``steps``; returns the drafted tokens it verifies."""

@@ -132,14 +132,17 @@ def test_radix_hit_on_tokens_generated_while_off(plain, cycling, reference):
             break
     assert _ended_behind(answer)
     repairs = _state(cycling)["draft_kv"]["radix_repairs"]
+    deferred = _state(cycling)["draft_kv"]["deferred_prefills"]
     # A follow-up turn: the first exchange is a radix hit whose last tokens have no
-    # valid draft KV; the draft must recompute from the first of them.
+    # valid draft KV; the draft must recompute from the first of them. The server is
+    # off when it arrives, so its draft prefill is deferred to the catch-up too.
     follow = first + answer["output_ids"] + tok(" What is your name?").input_ids
     got = cycling.generate(input_ids=follow, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     want = plain.generate(input_ids=follow, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert got["output_ids"] == want["output_ids"]
     assert got["meta_info"]["cached_tokens"] > len(first)
     assert _state(cycling)["draft_kv"]["radix_repairs"] > repairs
+    assert _state(cycling)["draft_kv"]["deferred_prefills"] > deferred
     assert _check_against_draft(reference, follow, got) > 0
 
 

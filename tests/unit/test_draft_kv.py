@@ -66,3 +66,31 @@ def test_catch_up_tokens_count_gaps_and_the_current_requests_bonus_once_any_is_b
     assert catch_up_tokens([0, 0, 0]) == 0
     assert catch_up_tokens([3, 0, 1]) == 3 + 1 + 1
     assert catch_up_tokens([]) == 0
+
+
+def test_a_deferred_prefill_leaves_the_prompt_to_the_catch_up_and_radix_hits_see_it():
+    req_to_token = table(4, 64)
+    ledger = DraftKVLedger(4, 1000)
+    ledger.mark_written(req_to_token[1, :30])       # a previous owner's draft KV there
+    ledger.on_slots_allocated([1])
+    ledger.mark_invalid(req_to_token[1, :10])       # the deferred prefill's chunk
+    ledger.after_prefill([1], [0], [10], extended=False)
+    assert ledger.valid_len[1] == 0 and ledger.gap[1] == 11
+    assert ledger.catch_up_prefixes([1], [10]) == [0]  # the prompt and the bonus token
+    # A second chunk, also deferred: still behind from 0.
+    ledger.mark_invalid(req_to_token[1, 10:16])
+    assert ledger.rows_to_check([1], [10]) == [0]
+    found = ledger.first_invalid(req_to_token, torch.tensor([1]), [10])
+    ledger.after_prefill([1], [10], [16], dict(zip([0], found)), extended=False)
+    assert ledger.valid_len[1] == 0 and ledger.gap[1] == 17 and ledger.radix_repairs == 0
+    # Another request reusing that prompt (a radix hit) is behind from 0 too.
+    req_to_token[2, :16] = req_to_token[1, :16]
+    ledger.on_slots_allocated([2])
+    assert ledger.first_invalid(req_to_token, torch.tensor([2]), [16]) == [0]
+    # A current request's deferred chunk after an extended one keeps its valid prefix.
+    ledger.on_slots_allocated([3])
+    ledger.after_prefill([3], [0], [8])
+    ledger.mark_written(req_to_token[3, :8])
+    ledger.mark_invalid(req_to_token[3, 8:12])
+    ledger.after_prefill([3], [8], [12], extended=False)
+    assert ledger.valid_len[3] == 8 and ledger.catch_up_prefixes([3], [12]) == [8]
