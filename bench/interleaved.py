@@ -99,6 +99,7 @@ def compare(resident, baseline, prompts, args) -> dict:
             "ratio": tps["resident"] / tps["baseline"],
             "block_ratio_median": statistics.median(block_ratios),
             "ratio_ci95": [low, high], "blocks": len(block_ratios),
+            "block_ratios": [round(r, 4) for r in block_ratios],
             "output_mismatches": mismatches}
 
 
