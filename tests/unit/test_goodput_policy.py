@@ -13,7 +13,9 @@ from sglang_dsde.config import DSDEConfig, DSDEConfigError
 from sglang_dsde.core import make_policy
 from sglang_dsde.core.acceptance import (EPS, PRIOR_RATE, PRIOR_WEIGHT, AcceptanceCalibration,
                                          observed_positions)
-from sglang_dsde.core.policies.goodput import HISTORY_WEIGHT, PRIOR_TOKENS, SWITCH_MARGIN
+from sglang_dsde.core.policies import goodput as goodput_module
+from sglang_dsde.core.policies.goodput import (HISTORY_WEIGHT, OFF_REVIEW_EVERY, PRIOR_TOKENS,
+                                               SWITCH_MARGIN)
 from sglang_dsde.sim import simulate, synthetic_trace
 from sglang_dsde.sim.contenders import build_controller, parse_contender
 from sglang_dsde.core.round_cost import LinearRoundCost, round_sample
@@ -92,9 +94,11 @@ def _tensors(obj, prefix=""):
 
 
 @pytest.mark.parametrize("policy_name", ["goodput", "dsde", "adaedl", "static"])
-def test_an_off_round_is_an_empty_round_in_fewer_operations(policy_name):
+def test_an_off_round_is_an_empty_round_in_fewer_operations(policy_name, monkeypatch):
     """``update_off`` (a round in which nothing was drafted) leaves every state tensor and
-    the decision exactly as ``update`` with every request drafting nothing does."""
+    the decision exactly as ``update`` with every request drafting nothing does (goodput:
+    reviewing its estimates every off round, as ``update`` does)."""
+    monkeypatch.setattr(goodput_module, "OFF_REVIEW_EVERY", 1)
     fast, _ = _played(policy_name, seed=5)
     full, slots = _played(policy_name, seed=5)
     for _ in range(3):
@@ -109,6 +113,36 @@ def test_an_off_round_is_an_empty_round_in_fewer_operations(policy_name):
     for name, value in fast_state.items():
         assert torch.equal(value, full_state[name]) or torch.allclose(
             value, full_state[name], rtol=0, atol=0, equal_nan=True), name
+
+
+def test_off_rounds_between_reviews_hold_the_reviewed_decision(monkeypatch):
+    """While off, goodput recomputes its estimates at the first off round in a row, every
+    ``OFF_REVIEW_EVERY``-th after it and when the batch changed; the rounds between hold
+    the reviewed step count (probes still fire), and every request's sums still fade
+    each round."""
+    pol, slots = _played("goodput", seed=5)
+    reference, _ = _played("goodput", seed=5)
+    reviews = []
+    estimates = pol._estimates
+    monkeypatch.setattr(pol, "_estimates", lambda s: reviews.append(len(s)) or estimates(s))
+    rounds = 2 * OFF_REVIEW_EVERY + 1
+    for _ in range(rounds):
+        pol.update_off(slots)
+        reference.update_off(slots)
+    assert len(reviews) == 3  # off rounds 1, 1 + R, 1 + 2R
+    for name in ("kl_sum", "obs_sum", "obs_weight"):
+        assert torch.equal(getattr(pol, name), getattr(reference, name)), name
+    # A request leaves: the next off round reviews (the batch changed), the one after holds.
+    pol.reset_slots(slots[1:2])
+    smaller = slots[[0, 2]]
+    pol.update_off(smaller)
+    pol.update_off(smaller)
+    assert len(reviews) == 4
+    # A drafting round reviews, and the next off round starts a new run of off rounds.
+    two = torch.tensor([2, 2])
+    pol.update(smaller, two, two, req_kl=torch.zeros(2, 6, dtype=torch.float64))
+    pol.update_off(smaller)
+    assert len(reviews) == 6
 
 
 def test_rounds_without_an_observed_position_keep_the_calibration():
@@ -384,3 +418,29 @@ def test_acceptance_estimates_stay_unbiased_when_verifies_are_ragged(spec):
     for p in (0.85, 0.35):
         estimates = [np.mean(seen[rid]) for rid, q in rates.items() if q == p and rid in seen]
         assert estimates and abs(np.mean(estimates) - p) < 0.06, (p, estimates)
+
+
+def _reference_probe(num_rounds, choice, misses, probe_every, last, has_off=True):
+    """The probe schedule in plain Python: ``(step count index, probe up?)``."""
+    full = max(probe_every, 2)
+    period = min(2 + num_rounds // 4, full)
+    if has_off and choice == 0 and period == full and misses:
+        period = (period << min(misses, 3)) | 1
+    if num_rounds % period:
+        return choice, False
+    up = ((num_rounds // period) % 2 == 0 or choice == 0) and choice < last
+    return (choice + 1 if up else max(choice - 1, 0)), up
+
+
+def test_the_probe_schedule_matches_a_reference():
+    pol = goodput(goodput_probe_every=8)
+    last = pol.choices.shape[0] - 1
+    for num_rounds in range(0, 400, 1):
+        for choice in (0, 1, last):
+            for misses in (0, 1, 2, 5):
+                pol.rounds_by_bs_class[0] = num_rounds
+                pol.off_misses[0] = misses
+                got, up = pol._probed(torch.tensor(choice), 1)
+                want = _reference_probe(num_rounds, choice, misses, 8, last)
+                assert (int(got), bool(up) if up is not None else False) == want, \
+                    (num_rounds, choice, misses)

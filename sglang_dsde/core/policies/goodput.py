@@ -71,6 +71,12 @@ SWITCH_MARGIN = 0.03
 #: A probe out of the off state that leaves the server off doubles the probe period
 #: while off, at most this many times in a row (a success resets it).
 MAX_OFF_BACKOFF = 3
+#: While off, the held step count is reviewed (the estimates recomputed) at the first
+#: off round after a drafting one and every this many off rounds after it, and whenever
+#: the batch changed; the rounds between hold it (probes still fire on schedule). An off
+#: round teaches the estimates almost nothing (a fade toward the server's rate, one more
+#: sample of the off round's cost), and the review is most of the policy's work there.
+OFF_REVIEW_EVERY = 4
 
 
 class GoodputPolicy(KLHistoryPolicy):
@@ -99,11 +105,11 @@ class GoodputPolicy(KLHistoryPolicy):
         #: (NaN: unknown); set by ``observe_first_entropy``, read by the decision and
         #: by ``update``.
         self.first_entropy = torch.full((slots,), float("nan"), **zeros)
-        #: Verify rounds seen per batch-size class (the exploration schedule): what a
-        #: round costs, and so which K pays, changes with the batch size, and the cost
-        #: model knows a batch size only from rounds played at it.
-        self.rounds_by_bs_class = torch.zeros(_bs_class(slots) + 1, dtype=torch.int64,
-                                              device=dev)
+        #: Verify rounds seen per batch-size class (the exploration schedule; host ints,
+        #: the same on every TP rank): what a round costs, and so which K pays, changes
+        #: with the batch size, and the cost model knows a batch size only from rounds
+        #: played at it.
+        self.rounds_by_bs_class = [0] * (_bs_class(slots) + 1)
         #: The index (into ``choices``) of the step count the server holds: it moves only
         #: past ``SWITCH_MARGIN`` (``_held_choice``), once per verify round.
         initial = state_steps_for(cfg, initial_steps).index(initial_steps)
@@ -113,12 +119,19 @@ class GoodputPolicy(KLHistoryPolicy):
         #: Per batch-size class: drafting rounds in a row, played while the server held
         #: the off state, after which it still held it (failed probes out of off); they
         #: space the next ones.
-        self.off_misses = torch.zeros_like(self.rounds_by_bs_class)
+        self.off_misses = torch.zeros(len(self.rounds_by_bs_class), dtype=torch.int64,
+                                      device=dev)
         #: Whether the lowest choice is the free off (``min_steps`` 0).
         self._has_off = state_steps_for(cfg, initial_steps)[0] == 0
+        #: Off rounds in a row (host) and the last review's batch: ``(batch key,
+        #: survival, counts)``, the key ``(slot resets so far, batch size)``.
+        self._off_rounds = 0
+        self._slot_resets = 0
+        self._reviewed = None
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         super().reset_slots(slots)
+        self._slot_resets += 1  # the batch changed: the next off round reviews
         for t in (self.kl_sum, self.obs_sum, self.obs_weight):
             t[slots] = 0
         self.stability[slots] = 1.0
@@ -236,39 +249,58 @@ class GoodputPolicy(KLHistoryPolicy):
         if slots.shape[0] == 0:
             return torch.zeros((), dtype=torch.int64, device=self.device)
         rates, survival, counts = self._estimates(slots)
+        self._reviewed = None  # the lengths it writes are not the last review's
         return self._decide(slots, self._held_choice(rates), survival, counts)
+
+    def _probe_periods(self, batch_size: int):
+        """The probe periods this round's count of rounds is a multiple of, among those
+        the schedule could be at (``_probed``), or None: the host knows that no probe
+        fires this round. Host ints only."""
+        cfg = self.cfg
+        if not cfg.goodput_probe_every:
+            return None
+        num_rounds = self.rounds_by_bs_class[_bs_class(batch_size)]
+        full = max(cfg.goodput_probe_every, 2)
+        period = min(2 + num_rounds // 4, full)
+        # Once the estimates are grown (the full period), each failed probe out of the
+        # off state doubles the period while off (bounded; odd once backed off, so the
+        # probes do not lock onto one phase of a periodic workload). The backoff is a
+        # device value: the host screens every period it could make.
+        backoffs = range(MAX_OFF_BACKOFF + 1) if self._has_off and period == full else (0,)
+        periods = [(period << b) | 1 if b else period for b in backoffs]
+        return periods if any(num_rounds % p == 0 for p in periods) else None
+
+    def _probe_possible(self, batch_size: int) -> bool:
+        return self._probe_periods(batch_size) is not None
 
     def _probed(self, choice: torch.Tensor, batch_size: int) -> tuple:
         """``(choice, probe up?)``: ``choice``, or on a probe round (the first of each
         period) a neighbour among the choices: the one above in even periods, below in
         odd ones, the only one there is at either end. One probe a period: two
-        runtime-state switches (there and back).
+        runtime-state switches (there and back). ``probe up?`` is None where the host
+        knows no probe can fire this round (most rounds: no device work).
 
         The period is short while the estimates for this batch size are young (2, 3, ...
         growing by one every 4 rounds up to the knob): the first rounds teach the slope.
         Then, while off, it doubles with each probe out of off that failed in a row (up to
         ``2 ** MAX_OFF_BACKOFF`` times): a draft that never pays stops paying for
         probes, and one success brings the period back."""
-        cfg = self.cfg
-        if cfg.goodput_probe_every:
-            num_rounds = self.rounds_by_bs_class[_bs_class(batch_size)]
-            full = max(cfg.goodput_probe_every, 2)
-            period = torch.clamp(2 + num_rounds // 4, max=full)
-            # Once the estimates are grown (the full period), each failed probe out of
-            # the off state doubles the period while off (bounded).
-            if self._has_off:
-                misses = self.off_misses[_bs_class(batch_size)]
-                backoff = torch.where((choice == 0) & (period == full),
-                                      misses.clamp_max(MAX_OFF_BACKOFF), 0)
-                # (Odd once backed off: the probes do not lock onto one phase of a
-                # periodic workload.)
-                period = torch.where(backoff > 0, (period << backoff) | 1, period)
-            last = self.choices.shape[0] - 1
-            up = (((num_rounds // period) % 2 == 0) | (choice == 0)) & (choice < last)
-            probe = torch.where(up, choice + 1, (choice - 1).clamp_min(0))
-            on_probe = num_rounds % period == 0
-            return torch.where(on_probe, probe, choice), on_probe & up
-        return choice, torch.zeros((), dtype=torch.bool, device=self.device)
+        periods = self._probe_periods(batch_size)
+        if periods is None:
+            return choice, None
+        size_class = _bs_class(batch_size)
+        num_rounds, period = self.rounds_by_bs_class[size_class], periods[0]
+        if len(periods) > 1:  # the period hangs on the device's backoff count
+            misses = self.off_misses[size_class]
+            backoff = torch.where(choice == 0, misses.clamp_max(MAX_OFF_BACKOFF), 0)
+            period = torch.where(backoff > 0, (period << backoff) | 1, period)
+        last = self.choices.shape[0] - 1
+        up = (((num_rounds // period) % 2 == 0) | (choice == 0)) & (choice < last)
+        probe = torch.where(up, choice + 1, (choice - 1).clamp_min(0))
+        if len(periods) == 1:  # the one period divides the count: a probe round
+            return probe, up
+        on_probe = num_rounds % period == 0
+        return torch.where(on_probe, probe, choice), on_probe & up
 
     def _decide(self, slots: torch.Tensor, choice: torch.Tensor, survival, counts
                 ) -> torch.Tensor:
@@ -281,7 +313,8 @@ class GoodputPolicy(KLHistoryPolicy):
         # Per-request lengths for the chosen step count; a probe up lengthens every
         # request by one (the depth beyond each one's optimum is what it teaches).
         lengths = self.allocate(survival, best, counts[best.reshape(1)])
-        lengths = torch.where(probe_up, (lengths + 1).clamp_max(best), lengths)
+        if probe_up is not None:
+            lengths = torch.where(probe_up, (lengths + 1).clamp_max(best), lengths)
         self.req_steps[slots] = lengths
         # The batch drafts the smallest state that holds every length (at most ``best``).
         return self.choices.take((self.choices < lengths.max()).sum())
@@ -317,6 +350,7 @@ class GoodputPolicy(KLHistoryPolicy):
         values = self.history.values[slots, :self.cfg.window]
         ratio = wvir(values, age, count, self.weight_by_age, flat_value=1.0)
         self.stability[slots] = torch.where(drafted > 0, ratio, self.stability[slots])
+        self._off_rounds = 0
         if not self._has_off:
             return self._choose(slots)
         was_off = (self.held == 0) & (drafted > 0).any()
@@ -333,21 +367,34 @@ class GoodputPolicy(KLHistoryPolicy):
     def _step_off(self, slots: torch.Tensor, batch_size: int):
         """No request drafted: only the fade of each request's sums (it advanced one
         token), then the decision; the calibration, the KL history and the stability
-        see nothing (``_step`` on an empty round, in fewer operations)."""
+        see nothing (``_step`` on an empty round, in fewer operations). The estimates
+        are reviewed at the first off round in a row and every ``OFF_REVIEW_EVERY``-th
+        after it (and when the batch changed); the rounds between hold the reviewed
+        decision."""
         fade = self.cfg.decay
         for t in (self.kl_sum, self.obs_sum, self.obs_weight):
             t[slots] = fade * t[slots]
-        return self._choose(slots)
+        self._off_rounds += 1
+        return self._choose(slots, review=(self._off_rounds - 1) % OFF_REVIEW_EVERY == 0)
 
-    def _choose(self, slots: torch.Tensor):
-        """The round's decision for ``slots`` (the end of ``_step``)."""
+    def _choose(self, slots: torch.Tensor, review: bool = True):
+        """The round's decision for ``slots`` (the end of ``_step``). Without ``review``
+        (an off round between reviews) the estimates of the last review stand, unless
+        the batch changed since; where no probe can fire either, so does its decision."""
         bs = int(slots.shape[0])
-        # What this round taught may move the held step count (once a round).
-        rates, survival, counts = self._estimates(slots)
-        choice = self._held_choice(rates)
-        self.held = choice
+        key = (self._slot_resets, bs)
+        if review or self._reviewed is None or self._reviewed[0] != key:
+            # What this round taught may move the held step count (once a round).
+            rates, survival, counts = self._estimates(slots)
+            self.held = self._held_choice(rates)
+            self._reviewed = [key, survival, counts, None]
+        _, survival, counts, unprobed = self._reviewed
         self.rounds_by_bs_class[_bs_class(bs)] += 1
-        steps = self._decide(slots, choice, survival, counts)
+        if unprobed is not None and not self._probe_possible(bs):
+            steps = unprobed  # the same held choice, estimates and lengths as last round
+        else:
+            steps = self._decide(slots, self.held, survival, counts)
+            self._reviewed[3] = None if self._probe_possible(bs) else steps
         if survival is not None:  # ragged: each request's own length; the batch's state
             return self.req_steps[slots], None, steps
         return steps.expand(bs).clone(), None
