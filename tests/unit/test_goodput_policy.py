@@ -15,10 +15,10 @@ from sglang_dsde.core.acceptance import (EPS, PRIOR_RATE, PRIOR_WEIGHT, Acceptan
                                          observed_positions)
 from sglang_dsde.core.policies import goodput as goodput_module
 from sglang_dsde.core.policies.goodput import (HISTORY_WEIGHT, OFF_REVIEW_EVERY, PRIOR_TOKENS,
-                                               SWITCH_MARGIN)
+                                               RESUME_HORIZON, SWITCH_MARGIN)
 from sglang_dsde.sim import simulate, synthetic_trace
 from sglang_dsde.sim.contenders import build_controller, parse_contender
-from sglang_dsde.core.round_cost import LinearRoundCost, round_sample
+from sglang_dsde.core.round_cost import LinearRoundCost, catch_up_tokens, round_sample
 
 
 def goodput(max_slots=8, **knobs):
@@ -444,3 +444,51 @@ def test_the_probe_schedule_matches_a_reference():
                 want = _reference_probe(num_rounds, choice, misses, 8, last)
                 assert (int(got), bool(up) if up is not None else False) == want, \
                     (num_rounds, choice, misses)
+
+
+def test_drafting_resumes_after_a_long_off_run_once_the_draft_agrees():
+    """A long off run (the draft disagrees, probes back off) owes a growing catch-up; once
+    the draft agrees, the probes find it and the server drafts again. Decisions lag one
+    round, as under the overlap scheduler: each round runs the step count decided at the
+    end of the one before."""
+    pol = goodput(goodput_probe_every=8)
+    cost = LinearRoundCost.from_parts(draft_step=(0.05, 0.0), verify=(1.0, 0.005),
+                                      spec=(0.05, 0.0), catch_up=0.01)
+    bs, gap, k, chosen = 4, 1, 2, []
+    slots = torch.arange(bs)
+    for r in range(2600):
+        pending = catch_up_tokens([gap] * bs)
+        pol.observe_pending_catch_up(pending)
+        chosen.append(k)
+        if k == 0:
+            decision = pol.update_off(slots)
+            pol.observe_round(round_sample(bs, 0, cost.round(bs, 0)))
+            gap += 1
+        else:
+            acc = torch.full((bs,), k if r >= 1000 else 0)
+            kl = torch.where(torch.arange(6).unsqueeze(0) < acc.unsqueeze(1), 0.01, 3.0)
+            decision = pol.update(slots, torch.full((bs,), k), acc, req_kl=kl.double())
+            pol.observe_round(round_sample(bs, k, cost.round(bs, k, catch_up=pending),
+                                           catch_up=pending))
+            gap = 0
+        k = int(decision.batch_steps)
+    assert np.mean(np.array(chosen[500:1000]) == 0) > 0.9   # off while it disagrees
+    assert np.mean(np.array(chosen[-200:]) > 0) > 0.9       # drafting again after
+
+
+def test_the_pending_catch_up_is_a_debt_spread_over_the_off_run():
+    """Resuming is priced with the pending catch-up divided by the off run's length (at
+    least ``RESUME_HORIZON`` rounds); a drafting round pays it."""
+    pol = goodput(ragged_verify=False)
+    slots = torch.tensor([1, 4, 6])
+    for run in (3, 40):
+        for _ in range(run):
+            pol.update_off(slots)
+        pol.observe_pending_catch_up(500.0)
+        survival = pol.survival(slots).sum(dim=0).cumsum(dim=0)
+        tokens = 3 + torch.cat([torch.zeros(1, dtype=torch.float64), survival])
+        cost = pol.round_cost.predict(3, 6, catch_up=500.0 / max(RESUME_HORIZON, run))
+        assert torch.allclose(pol.expected_rates(slots), tokens / cost, rtol=1e-12)
+        two = torch.full((3,), 2)
+        pol.update(slots, two, two, req_kl=torch.zeros(3, 6, dtype=torch.float64))
+        assert pol.pending_catch_up == 0.0

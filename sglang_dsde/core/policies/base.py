@@ -188,7 +188,9 @@ class SpecPolicy:
         """A round in which no request drafted (the off state): ``update`` with every
         request drafting nothing, without a signal to validate. The same decision as
         ``update(slots, 0, 0, req_kl=[bs, 0])``; a policy may make it cheaper
-        (``_step_off``)."""
+        (``_step_off``). (Goodput also keeps what only an off round has: the run of off
+        rounds, which spaces its reviews and spreads the pending catch-up, and that
+        catch-up, which a round through ``update``, a drafting one, pays.)"""
         slots = self._ints(slots)
         bs = int(slots.shape[0])
         if bs == 0:

@@ -25,7 +25,14 @@ as in the paper's weights):
 ``K* = 0`` (the free off: a target-only round) is allowed when ``min_steps`` is 0. A batch
 that was off owes its skipped tokens to the draft (the catch-up extend, paid by the first
 round that drafts again): ``observe_pending_catch_up`` tells the decision, which prices
-every ``K > 0`` with it, so resuming is weighed at what it costs.
+every ``K > 0`` with it, spread over the rounds the batch is expected to keep drafting
+after it: a debt paid once, which those rounds share. That horizon is the length of the
+off run behind it, at least ``RESUME_HORIZON`` rounds (requests that sat out ``n`` rounds
+are expected to live about as many more: their age is the best guess of what remains).
+Charged whole to one round, the debt of a long off run, which grows by a token per
+request and round, would price every ``K > 0`` out for good: the longer off, the less
+resuming could ever pay; spread over the run's length it costs about one catch-up token
+per request and round, however long the run.
 
 The decision is one of the step counts the engine has a runtime state for (``choices``:
 ``config.state_steps_for``), and it is *held*: the server keeps its current step count
@@ -77,6 +84,9 @@ MAX_OFF_BACKOFF = 3
 #: round teaches the estimates almost nothing (a fade toward the server's rate, one more
 #: sample of the off round's cost), and the review is most of the policy's work there.
 OFF_REVIEW_EVERY = 4
+#: The pending catch-up is priced as a debt spread over the off run's length in rounds,
+#: at least this many (a resumed state holds a few rounds at least: the switch margin).
+RESUME_HORIZON = 8
 
 
 class GoodputPolicy(KLHistoryPolicy):
@@ -143,6 +153,11 @@ class GoodputPolicy(KLHistoryPolicy):
     def observe_pending_catch_up(self, tokens: float) -> None:
         self.pending_catch_up = float(tokens)
 
+    def _catch_up_per_round(self) -> float:
+        """The pending catch-up as a debt spread over the rounds expected to draft after
+        it (module docstring; host numbers)."""
+        return self.pending_catch_up / max(RESUME_HORIZON, self._off_rounds)
+
     def describe(self) -> dict:
         cost = self.round_cost
         return {
@@ -177,7 +192,8 @@ class GoodputPolicy(KLHistoryPolicy):
         bs = int(slots.shape[0])
         zero = torch.zeros(1, dtype=torch.float64, device=self.device)
         tokens = bs + torch.cat([zero, self.survival(slots).sum(dim=0).cumsum(dim=0)])
-        cost = self.round_cost.predict(bs, cfg.max_steps, catch_up=self.pending_catch_up)
+        cost = self.round_cost.predict(bs, cfg.max_steps,
+                                       catch_up=self._catch_up_per_round())
         return tokens / cost.clamp_min(1e-12)
 
     def ragged_rates(self, survival: torch.Tensor) -> tuple:
@@ -192,7 +208,7 @@ class GoodputPolicy(KLHistoryPolicy):
         """
         bs, width = survival.shape
         base = self.round_cost.predict(bs, width, unverified=True,
-                                       catch_up=self.pending_catch_up)      # [K + 1]
+                                       catch_up=self._catch_up_per_round())
         per_token = self.round_cost.per_verified_token.clamp_min(0.0)
         gains = _gains_by_steps(survival)                                    # [K + 1, bs*K]
         best_first = gains.sort(dim=1, descending=True).values.clamp_min(0.0)
@@ -350,7 +366,10 @@ class GoodputPolicy(KLHistoryPolicy):
         values = self.history.values[slots, :self.cfg.window]
         ratio = wvir(values, age, count, self.weight_by_age, flat_value=1.0)
         self.stability[slots] = torch.where(drafted > 0, ratio, self.stability[slots])
+        # A round through ``update`` drafted (the engine, the simulator and the replay
+        # send rounds that drafted nothing to ``update_off``): its catch-up is paid.
         self._off_rounds = 0
+        self.pending_catch_up = 0.0
         if not self._has_off:
             return self._choose(slots)
         was_off = (self.held == 0) & (drafted > 0).any()
