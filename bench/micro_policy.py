@@ -2,8 +2,10 @@
 
 For each batch size (1, 8, 64), vocabulary (32k, 128k) and drafted width P (4, 10):
 time ``kl_per_position`` over ``[bs, P, V]`` target/draft logits (float32, as SGLang's
-logits processor returns them) plus ``DSDEPolicy.update`` for the batch, and the update
-alone. Median over repeats after warm-up; seeded inputs.
+logits processor returns them) plus ``DSDEPolicy.update`` for the batch, the update
+alone, and a round in which nothing was drafted (the off state: ``update_off``, plus
+goodput's round-cost sample; mean over a block of rounds). Median over repeats after
+warm-up; seeded inputs.
 
 On a CUDA device it also:
 * times a verify-sized forward of a Llama-3-8B-shaped layer stack, matmul-only (32 layers:
@@ -38,6 +40,8 @@ from sglang_dsde.core import entropy_of_logits, kl_per_position, make_policy  # 
 from sglang_dsde.core.round_cost import round_sample  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Off rounds timed together (goodput reviews its estimates every few off rounds).
+OFF_BLOCK = 16
 LLAMA8B = dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256)
 
 
@@ -97,7 +101,7 @@ class RoundInputs:
                                       req_temperature=self.temperature)
         if self.goodput:
             self.policy.observe_round(round_sample(self.batch_size, self.width, 0.05,
-                                                 self.policy.device))
+                                                 device=self.policy.device))
         return decision
 
     def signal_and_update(self):
@@ -106,6 +110,15 @@ class RoundInputs:
 
     def update_only(self):
         return self._round(self.kl)
+
+    def off_rounds(self, rounds: int = OFF_BLOCK):
+        """``rounds`` rounds in which nothing was drafted (the off state), as the engine
+        plays them: the policy's off update, and (goodput) the round's cost sample."""
+        for _ in range(rounds):
+            self.policy.update_off(self.slots)
+            if self.goodput:
+                self.policy.observe_round(round_sample(self.batch_size, 0, 0.05,
+                                                     device=self.policy.device))
 
 
 class LayerStack:
@@ -200,6 +213,7 @@ def measure_row(row: dict, device, repeats: int, stack, policy: str = "dsde") ->
                                     stat=lambda xs: samples.extend(xs) or statistics.median(xs))
     row["signal_update_min_ms"] = min(samples)
     row["update_only_ms"] = timed(inputs.update_only, device, repeats)
+    row["off_round_ms"] = timed(inputs.off_rounds, device, repeats) / OFF_BLOCK
     row["logits_mib"] = 2 * inputs.target.numel() * 4 / 2**20
     if device.type != "cuda":
         return
@@ -270,7 +284,7 @@ def write_results(out: Path, device, env: dict, rows: list, quiet: bool = False)
     stem = out / f"micro_policy_{device.type}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(dict(env=env, rows=rows), indent=1) + "\n")
     cols = ["bs", "vocab", "width", "signal_update_ms", "signal_update_min_ms", "update_only_ms",
-            "logits_mib"]
+            "off_round_ms", "logits_mib"]
     if device.type == "cuda":
         cols += ["peak_temp_mib", "graph_ms", "verify_forward_ms", "ratio", "graph_ratio"]
     if any("error" in row for row in rows):
@@ -279,7 +293,8 @@ def write_results(out: Path, device, env: dict, rows: list, quiet: bool = False)
              "",
              f"torch {env['torch']}; median of {env['repeats']}; logits {env['logits_dtype']}; "
              f"signal = kl_per_position over [bs, width, vocab]; update = the "
-             f"{env.get('policy', 'dsde')} policy's round (requests past warm-up). verify_forward = matmul-only Llama-8B-shaped stack on "
+             f"{env.get('policy', 'dsde')} policy's round (requests past warm-up); off_round = "
+             f"a round that drafted nothing (mean over {OFF_BLOCK}). verify_forward = matmul-only Llama-8B-shaped stack on "
              "bs*(width+1) tokens (attention omitted), bf16.",
              "",
              "| " + " | ".join(cols) + " |",

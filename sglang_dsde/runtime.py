@@ -96,7 +96,16 @@ class DSDERuntime:
         #: ``[(admitted?, [slots])]`` in order.
         self._slot_events: List[Tuple[bool, List[int]]] = []
         self._next_step = 0
-        self._pending: Deque[Tuple[torch.Tensor, Optional[object]]] = collections.deque()
+        #: Decisions on their way to the host: ``(packed, event, lengths)``, ``lengths``
+        #: the policy's per-slot SLs as that decision left them (None without per-request
+        #: lengths: no ragged verify, no cut).
+        self._pending: Deque[Tuple[torch.Tensor, Optional[object], Optional[torch.Tensor]]] = \
+            collections.deque()
+        self._keeps_lengths = bool(cfg.ragged_verify or cfg.per_request_cut)
+        #: The per-slot SLs of the decision the coming round runs (None: the policy's
+        #: current ones); see ``round_lengths``.
+        self._round_lengths: Optional[torch.Tensor] = None
+        self._read_lengths: Optional[torch.Tensor] = None
         # Host-side counters, updated when a decision is read (never in the round path).
         self.num_rounds = 0
         self.num_skipped_signals = 0  # request-rounds whose signal was skipped
@@ -208,7 +217,7 @@ class DSDERuntime:
         its full width) and can only lower that request's accepted tokens.
         """
         if lengths is None:
-            lengths = self.driver.req_steps(slots.to(self.device, torch.int64))
+            lengths = self.round_lengths(slots)
         req_steps = lengths.to(retrieve_next_token.device)
         nodes = torch.arange(retrieve_next_token.shape[1], device=retrieve_next_token.device)
         retrieve_next_token.masked_fill_(nodes.unsqueeze(0) >= req_steps.unsqueeze(1), -1)
@@ -273,16 +282,17 @@ class DSDERuntime:
         self.window_tokens += bs * width
         self.verified_tokens += bs * width if verified_tokens is None else int(verified_tokens)
         self._push_decision(torch.stack([self.driver.snap(decision.batch_steps),
-                                         decision.num_skipped, decision.cap]))
+                                         decision.num_skipped, decision.cap]),
+                            self.policy.req_steps.clone() if self._keeps_lengths else None)
         # Reported as what will run (meta_info ``dsde_sl``): below the engine's smallest
         # pre-built state a request drafts ``min_runnable_steps``.
         return decision.req_steps.clamp_min(self.min_runnable_steps)
 
     # -- decisions to the host --------------------------------------------------------
 
-    def _push_decision(self, packed: torch.Tensor) -> None:
+    def _push_decision(self, packed: torch.Tensor, lengths: Optional[torch.Tensor]) -> None:
         if self.device.type == "cpu":
-            self._pending.append((packed, None))
+            self._pending.append((packed, None, lengths))
         else:
             cuda = self.device.type == "cuda"
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=cuda)
@@ -290,7 +300,7 @@ class DSDERuntime:
             event = torch.cuda.Event() if cuda else None
             if event is not None:
                 event.record()
-            self._pending.append((host, event))
+            self._pending.append((host, event, lengths))
         # Decisions nobody asked for (rounds without a next_batch_steps call) are still
         # counted; they are at least lag + 1 rounds old, so reading them does not wait.
         self._read_pending(keep=self.lag_rounds + 1)
@@ -309,14 +319,19 @@ class DSDERuntime:
         slots = slots.to(self.device, torch.int64)
         self.apply_slot_events()
         self.driver.observe_pending_catch_up(pending_catch_up)
+        self._round_lengths = None
         if self.lag_rounds == 0:
             self._read_pending(keep=0)
             steps = int(self.driver.plan(slots)) if slots.shape[0] else self.initial_steps
         else:
             if len(self._pending) <= self.lag_rounds:
-                steps = self.initial_steps
+                steps = self.initial_steps  # the server's first rounds: full windows
+                self._round_lengths = torch.full_like(self.policy.req_steps, steps)
             else:
                 steps = self._read_pending(keep=self.lag_rounds)
+                # The lengths of that same decision: the policy's current ones are a
+                # newer decision's (which may draft nothing where this one drafts).
+                self._round_lengths = self._read_lengths
         steps = self.driver.snap_host(steps)
         self.batch_steps_histogram[steps] = self.batch_steps_histogram.get(steps, 0) + 1
         self.last_batch_steps = steps
@@ -362,15 +377,27 @@ class DSDERuntime:
         self.apply_slot_events()
 
     def _read_pending(self, keep: int) -> int:
-        """Read decisions older than the newest ``keep``; return the last one's steps."""
+        """Read decisions older than the newest ``keep``; return the last one's steps
+        (its per-slot lengths in ``_read_lengths``)."""
         steps = self.initial_steps
         while len(self._pending) > keep:
-            host, event = self._pending.popleft()
+            host, event, self._read_lengths = self._pending.popleft()
             if event is not None:
                 event.synchronize()
             steps, skipped, self.last_cap = (int(v) for v in host.tolist())
             self.num_skipped_signals += skipped
         return steps
+
+    def round_lengths(self, slots: torch.Tensor) -> torch.Tensor:
+        """``[bs]`` int64: each request's SL in the coming round (a ragged verify's
+        lengths, the cut's), from the same decision as its step count: under a lagged
+        decision the one ``next_batch_steps`` read, not the policy's newest (a request
+        that joined since gets its slot's value at that decision; every length is a
+        hint within the step count, lossless either way)."""
+        slots = slots.to(self.device, torch.int64)
+        if self._round_lengths is None:
+            return self.driver.req_steps(slots)
+        return self._round_lengths[slots]
 
     def host_counters(self) -> dict:
         """The last decision's host values (no device read: the decode log line's)."""

@@ -379,7 +379,7 @@ class DSDEWorkerV2(OffRoundDecode, StandaloneWorkerV2):
                             "(SGLang's grammar tree is uniform); logged once")
             return None
         # A host read of the lengths: the packed verify's shapes need them (CPU only).
-        lengths = self.dsde.driver.req_steps(slots).clamp(0, steps).tolist()
+        lengths = self.dsde.round_lengths(slots).clamp(0, steps).tolist()
         for row in exact_penalties.penalised_rows(batch.reqs):
             lengths[row] = 0  # it accepts no draft: verify none (exact_penalties.py)
         if min(lengths) >= steps:

@@ -121,6 +121,27 @@ def test_decisions_reach_the_host_with_the_configured_lag():
         assert runtime.stats()["batch_steps_histogram"] == histogram
 
 
+def test_a_lagged_round_verifies_the_lengths_of_the_decision_it_runs():
+    """Under overlap (lag 1) a round runs the step count decided two rounds before; its
+    per-request lengths (a ragged verify's, the cut's) are that same decision's, not the
+    policy's newest (which may draft nothing where the round drafts: a probe out of the
+    off state would then verify no drafted token)."""
+    gen = torch.Generator().manual_seed(5)
+    runtime = make_runtime(lag_rounds=1)
+    slots = torch.tensor([0, 1])
+    runtime.on_slots_allocated(slots)
+    decided, differs = [], 0
+    for _ in range(12):
+        steps = runtime.next_batch_steps(slots)
+        lengths = runtime.round_lengths(slots)
+        if len(decided) >= 2:
+            assert torch.equal(lengths, decided[-2])
+            differs += not torch.equal(lengths, runtime.policy.req_steps[slots])
+        play_round(runtime, [0, 1], steps, gen)
+        decided.append(runtime.policy.req_steps[slots].clone())
+    assert differs > 0
+
+
 def test_per_request_cut_stops_each_chain_after_its_own_length():
     runtime = make_runtime()
     slots = torch.tensor([0, 1])

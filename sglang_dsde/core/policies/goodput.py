@@ -133,8 +133,9 @@ class GoodputPolicy(KLHistoryPolicy):
                                       device=dev)
         #: Whether the lowest choice is the free off (``min_steps`` 0).
         self._has_off = state_steps_for(cfg, initial_steps)[0] == 0
-        #: Off rounds in a row (host) and the last review's batch: ``(batch key,
-        #: survival, counts)``, the key ``(slot resets so far, batch size)``.
+        #: Off rounds in a row (host), and the last review: ``[batch key, survival,
+        #: counts, its decision while no probe fired (else None)]``, the key ``(slot
+        #: resets so far, batch size)``.
         self._off_rounds = 0
         self._slot_resets = 0
         self._reviewed = None
