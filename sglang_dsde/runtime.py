@@ -153,6 +153,11 @@ class DSDERuntime:
         for admitted, slots in events:
             staged = self._stage(slots, torch.int64)
             (self.driver.admit if admitted else self.driver.release)(staged)
+            if admitted:  # decisions in flight give a new request its fresh length
+                fresh = self.policy.req_steps[staged]
+                for lengths in [e[2] for e in self._pending] + [self._round_lengths]:
+                    if lengths is not None:
+                        lengths[staged] = fresh
 
     # -- one round ----------------------------------------------------------------------
 
@@ -392,8 +397,7 @@ class DSDERuntime:
         """``[bs]`` int64: each request's SL in the coming round (a ragged verify's
         lengths, the cut's), from the same decision as its step count: under a lagged
         decision the one ``next_batch_steps`` read, not the policy's newest (a request
-        that joined since gets its slot's value at that decision; every length is a
-        hint within the step count, lossless either way)."""
+        that joined since has its fresh length there too)."""
         slots = slots.to(self.device, torch.int64)
         if self._round_lengths is None:
             return self.driver.req_steps(slots)

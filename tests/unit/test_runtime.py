@@ -140,6 +140,13 @@ def test_a_lagged_round_verifies_the_lengths_of_the_decision_it_runs():
         play_round(runtime, [0, 1], steps, gen)
         decided.append(runtime.policy.req_steps[slots].clone())
     assert differs > 0
+    # A request that joins while decisions are in flight gets its fresh length in them.
+    runtime.policy.req_steps[2] = 0  # what the slot's previous request left
+    for _ in range(2):
+        play_round(runtime, [0, 1], runtime.next_batch_steps(slots), gen)
+    runtime.on_slots_allocated(torch.tensor([2]))
+    runtime.next_batch_steps(torch.tensor([0, 1, 2]))
+    assert int(runtime.round_lengths(torch.tensor([2]))) == runtime.initial_steps
 
 
 def test_per_request_cut_stops_each_chain_after_its_own_length():
