@@ -101,11 +101,12 @@ class DSDERuntime:
         #: lengths: no ragged verify, no cut).
         self._pending: Deque[Tuple[torch.Tensor, Optional[object], Optional[torch.Tensor]]] = \
             collections.deque()
-        self._keeps_lengths = bool(cfg.ragged_verify or cfg.per_request_cut)
+        #: Only a lagged decision needs them (without lag a round plans afresh).
+        self._keeps_lengths = self.lag_rounds > 0 and bool(cfg.ragged_verify
+                                                           or cfg.per_request_cut)
         #: The per-slot SLs of the decision the coming round runs (None: the policy's
         #: current ones); see ``round_lengths``.
         self._round_lengths: Optional[torch.Tensor] = None
-        self._read_lengths: Optional[torch.Tensor] = None
         # Host-side counters, updated when a decision is read (never in the round path).
         self.num_rounds = 0
         self.num_skipped_signals = 0  # request-rounds whose signal was skipped
@@ -333,10 +334,9 @@ class DSDERuntime:
                 steps = self.initial_steps  # the server's first rounds: full windows
                 self._round_lengths = torch.full_like(self.policy.req_steps, steps)
             else:
-                steps = self._read_pending(keep=self.lag_rounds)
                 # The lengths of that same decision: the policy's current ones are a
                 # newer decision's (which may draft nothing where this one drafts).
-                self._round_lengths = self._read_lengths
+                steps, self._round_lengths = self._read_pending(keep=self.lag_rounds)
         steps = self.driver.snap_host(steps)
         self.batch_steps_histogram[steps] = self.batch_steps_histogram.get(steps, 0) + 1
         self.last_batch_steps = steps
@@ -381,17 +381,17 @@ class DSDERuntime:
         self._round_clock = None
         self.apply_slot_events()
 
-    def _read_pending(self, keep: int) -> int:
-        """Read decisions older than the newest ``keep``; return the last one's steps
-        (its per-slot lengths in ``_read_lengths``)."""
-        steps = self.initial_steps
+    def _read_pending(self, keep: int) -> tuple:
+        """Read decisions older than the newest ``keep``; return the last one's
+        ``(steps, per-slot lengths or None)``."""
+        steps, lengths = self.initial_steps, None
         while len(self._pending) > keep:
-            host, event, self._read_lengths = self._pending.popleft()
+            host, event, lengths = self._pending.popleft()
             if event is not None:
                 event.synchronize()
             steps, skipped, self.last_cap = (int(v) for v in host.tolist())
             self.num_skipped_signals += skipped
-        return steps
+        return steps, lengths
 
     def round_lengths(self, slots: torch.Tensor) -> torch.Tensor:
         """``[bs]`` int64: each request's SL in the coming round (a ragged verify's

@@ -410,11 +410,12 @@ class GoodputPolicy(KLHistoryPolicy):
             self._reviewed = [key, survival, counts, None]
         _, survival, counts, unprobed = self._reviewed
         self.rounds_by_bs_class[_bs_class(bs)] += 1
-        if unprobed is not None and not self._probe_possible(bs):
+        may_probe = self._probe_possible(bs)
+        if unprobed is not None and not may_probe:
             steps = unprobed  # the same held choice, estimates and lengths as last round
         else:
             steps = self._decide(slots, self.held, survival, counts)
-            self._reviewed[3] = None if self._probe_possible(bs) else steps
+            self._reviewed[3] = None if may_probe else steps
         if survival is not None:  # ragged: each request's own length; the batch's state
             return self.req_steps[slots], None, steps
         return steps.expand(bs).clone(), None
